@@ -1,0 +1,25 @@
+# metascreen: label-free screening of cancer cells for metastatic potential.
+# Stages: ingest -> segment -> measure -> train -> classify -> aggregate -> report.
+# Run: snakemake --profile profiles/local   (see README.md)
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/ingest.smk"
+include: "workflow/rules/segment.smk"
+include: "workflow/rules/measure.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/classify.smk"
+include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_outputs(),

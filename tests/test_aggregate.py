@@ -1,0 +1,432 @@
+"""Tests of metascreen.aggregate on a hand-made table whose every number is worked out here.
+
+Plate map (6 wells, 2 plates, 2 samples; sample S1 spans both plates):
+
+=====  ====  ======  ======================================  =======================
+plate  well  sample  probabilities of its cells              QC with min_cells = 3
+=====  ====  ======  ======================================  =======================
+P1     A01   S1      0.9 x 8, 0.1 x 2       (8 of 10 >= 0.5)  passes
+P1     A02   S2      0.8, 0.2, 0.2, 0.4     (1 of 4)          passes
+P1     B01   S2      no cells                                 no_cells
+P2     A01   S1      0.7, 0.6, 0.3, 0.2, 0.1 (2 of 5)         passes
+P2     A02   S2      0.5, 0.95              (2 of 2; 0.5 counts as positive)  too_few_cells
+P2     B01   S2      no cells                                 no_cells
+=====  ====  ======  ======================================  =======================
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from metascreen.aggregate import (
+    PER_PLATE_COLUMNS,
+    PER_SAMPLE_COLUMNS,
+    PER_WELL_COLUMNS,
+    per_plate_summary,
+    per_sample_summary,
+    per_well_summary,
+    wilson_interval,
+)
+
+Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+
+
+def wilson_by_hand(k: float, n: float) -> tuple[float, float]:
+    """Textbook Wilson score interval, written out independently of the module."""
+    p = k / n
+    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 / (1 + Z95**2 / n) * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n**2))
+    return centre - half, centre + half
+
+
+@pytest.fixture
+def platemap() -> pd.DataFrame:
+    # Deliberately unsorted, with a missing train_class, to check sorting and filling.
+    return pd.DataFrame(
+        {
+            "plate": ["P2", "P1", "P1", "P1", "P2", "P2"],
+            "well": ["A01", "A02", "A01", "B01", "A02", "B01"],
+            "sample": ["S1", "S2", "S1", "S2", "S2", "S2"],
+            "condition": ["dmso", "drug", "dmso", "drug", "drug", "drug"],
+            "cell_line": ["L1", "L2", "L1", "L2", "L2", "L2"],
+            "train_class": ["high_potential", "", "high_potential", None, "", ""],
+        }
+    )
+
+
+def _well_cells(plate: str, well: str, probability, elongation, area) -> pd.DataFrame:
+    probability = np.asarray(probability, dtype=float)
+    return pd.DataFrame(
+        {
+            "plate": plate,
+            "well": well,
+            "field": 0,
+            "label": np.arange(1, len(probability) + 1),
+            "area": np.asarray(area, dtype=float),
+            "elongation": np.asarray(elongation, dtype=float),
+            "touches_border": False,
+            "probability": probability,
+            "predicted_class": np.where(probability >= 0.5, "high_potential", "low_potential"),
+            "is_positive": probability >= 0.5,
+        }
+    )
+
+
+@pytest.fixture
+def cells() -> pd.DataFrame:
+    return pd.concat(
+        [
+            _well_cells(
+                "P1", "A01", [0.9] * 8 + [0.1] * 2, [0.2] * 5 + [0.4] * 5, [100] * 5 + [300] * 5
+            ),
+            _well_cells("P1", "A02", [0.8, 0.2, 0.2, 0.4], [0.1, 0.2, 0.3, 0.4], [50, 60, 70, 80]),
+            _well_cells("P2", "A01", [0.7, 0.6, 0.3, 0.2, 0.1], [0.5] * 5, [10, 20, 30, 40, 50]),
+            _well_cells("P2", "A02", [0.5, 0.95], [0.6, 0.8], [400, 600]),
+        ],
+        ignore_index=True,
+    )
+
+
+# ---------------------------------------------------------------- wilson_interval
+def test_wilson_matches_textbook_values():
+    low, high = wilson_interval(8, 10)
+    assert low.shape == () and high.shape == ()
+    assert float(low) == pytest.approx(0.4902, abs=5e-5)
+    assert float(high) == pytest.approx(0.9433, abs=5e-5)
+    # 0/10: lower bound exactly 0, upper z^2/n / (1 + z^2/n) = 0.2775; 10/10 mirrors it.
+    low, high = wilson_interval([0, 10], [10, 10])
+    np.testing.assert_allclose(low, [0.0, 1 - 0.27754], atol=5e-5)
+    np.testing.assert_allclose(high, [0.27754, 1.0], atol=5e-5)
+
+
+def test_wilson_is_vectorised_and_nan_for_zero_trials():
+    low, high = wilson_interval(np.array([[1, 0], [3, 0]]), np.array([4, 0]))
+    assert low.shape == high.shape == (2, 2)
+    assert low.dtype == np.float64
+    np.testing.assert_allclose(low[:, 0], [wilson_by_hand(1, 4)[0], wilson_by_hand(3, 4)[0]])
+    np.testing.assert_allclose(high[:, 0], [wilson_by_hand(1, 4)[1], wilson_by_hand(3, 4)[1]])
+    assert np.isnan(low[:, 1]).all() and np.isnan(high[:, 1]).all()
+
+
+def test_wilson_other_confidence_is_narrower():
+    low90, high90 = wilson_interval(8, 10, confidence=0.90)
+    low95, high95 = wilson_interval(8, 10)
+    assert low95 < low90 < 0.8 < high90 < high95
+
+
+@pytest.mark.parametrize(
+    ("successes", "trials", "confidence"),
+    [(11, 10, 0.95), (-1, 10, 0.95), (1, 10, 1.0), (1, 10, 0.0)],
+)
+def test_wilson_rejects_invalid_input(successes, trials, confidence):
+    with pytest.raises(ValueError):
+        wilson_interval(successes, trials, confidence=confidence)
+
+
+# ---------------------------------------------------------------- per_well_summary
+def test_per_well_counts_fractions_and_statistics(cells, platemap):
+    table = per_well_summary(cells, platemap, min_cells=3)
+    assert list(table.columns) == PER_WELL_COLUMNS
+    assert list(zip(table["plate"], table["well"])) == [
+        ("P1", "A01"),
+        ("P1", "A02"),
+        ("P1", "B01"),
+        ("P2", "A01"),
+        ("P2", "A02"),
+        ("P2", "B01"),
+    ]
+    assert table["sample"].tolist() == ["S1", "S2", "S2", "S1", "S2", "S2"]
+    assert table["train_class"].tolist() == ["high_potential", "", "", "high_potential", "", ""]
+    assert table["n_cells"].tolist() == [10, 4, 0, 5, 2, 0]
+    assert table["n_positive"].tolist() == [8, 1, 0, 2, 2, 0]
+    np.testing.assert_allclose(
+        table["fraction_positive"], [0.8, 0.25, np.nan, 0.4, 1.0, np.nan], equal_nan=True
+    )
+    np.testing.assert_allclose(
+        table["mean_probability"],
+        [(8 * 0.9 + 2 * 0.1) / 10, (0.8 + 0.2 + 0.2 + 0.4) / 4, np.nan, 1.9 / 5, 1.45 / 2, np.nan],
+        equal_nan=True,
+    )
+    np.testing.assert_allclose(
+        table["median_probability"], [0.9, 0.3, np.nan, 0.3, 0.725, np.nan], equal_nan=True
+    )
+    np.testing.assert_allclose(
+        table["mean_elongation"], [0.3, 0.25, np.nan, 0.5, 0.7, np.nan], equal_nan=True
+    )
+    np.testing.assert_allclose(
+        table["median_area"], [200.0, 65.0, np.nan, 30.0, 500.0, np.nan], equal_nan=True
+    )
+
+
+def test_per_well_wilson_bounds(cells, platemap):
+    table = per_well_summary(cells, platemap, min_cells=3).set_index(["plate", "well"])
+    assert table.loc[("P1", "A01"), "fraction_ci_low"] == pytest.approx(0.4902, abs=5e-5)
+    assert table.loc[("P1", "A01"), "fraction_ci_high"] == pytest.approx(0.9433, abs=5e-5)
+    for key, (k, n) in {
+        ("P1", "A02"): (1, 4),
+        ("P2", "A01"): (2, 5),
+        ("P2", "A02"): (2, 2),
+    }.items():
+        expected_low, expected_high = wilson_by_hand(k, n)
+        assert table.loc[key, "fraction_ci_low"] == pytest.approx(expected_low)
+        assert table.loc[key, "fraction_ci_high"] == pytest.approx(expected_high)
+    assert np.isnan(table.loc[("P1", "B01"), "fraction_ci_low"])
+    assert np.isnan(table.loc[("P1", "B01"), "fraction_ci_high"])
+
+
+def test_per_well_qc_flags(cells, platemap):
+    flags = per_well_summary(cells, platemap, min_cells=3)["qc_flags"].tolist()
+    assert flags == ["", "", "no_cells", "", "too_few_cells", "no_cells"]
+    # With the default min_cells of 20 every well with cells is too small.
+    flags = per_well_summary(cells, platemap)["qc_flags"].tolist()
+    assert flags == [
+        "too_few_cells",
+        "too_few_cells",
+        "no_cells",
+        "too_few_cells",
+        "too_few_cells",
+        "no_cells",
+    ]
+
+
+def test_per_well_dtypes(cells, platemap):
+    table = per_well_summary(cells, platemap, min_cells=3)
+    for column in ("n_cells", "n_positive"):
+        assert table[column].dtype == np.int64
+    for column in (
+        "fraction_positive",
+        "fraction_ci_low",
+        "fraction_ci_high",
+        "mean_probability",
+        "median_probability",
+        "mean_elongation",
+        "median_area",
+    ):
+        assert table[column].dtype == np.float64
+
+
+def test_per_well_without_any_cell(cells, platemap):
+    table = per_well_summary(cells.iloc[:0], platemap, min_cells=3)
+    assert len(table) == 6
+    assert table["n_cells"].tolist() == [0] * 6
+    assert table["n_cells"].dtype == np.int64
+    assert (table["qc_flags"] == "no_cells").all()
+    assert table["fraction_positive"].isna().all()
+
+
+def test_numeric_plate_names_join(cells, platemap):
+    # A plate map read from CSV may hold plate "1" as an integer.
+    table = per_well_summary(
+        cells.assign(plate=cells["plate"].str[1:]),
+        platemap.assign(plate=platemap["plate"].str[1:].astype(int)),
+        min_cells=3,
+    )
+    assert table["plate"].tolist() == ["1", "1", "1", "2", "2", "2"]
+    assert table["n_cells"].tolist() == [10, 4, 0, 5, 2, 0]
+
+
+def test_missing_cell_column_is_named(cells, platemap):
+    with pytest.raises(ValueError, match="probability"):
+        per_well_summary(cells.drop(columns="probability"), platemap)
+
+
+def test_missing_platemap_column_is_named(cells, platemap):
+    with pytest.raises(ValueError, match="train_class"):
+        per_sample_summary(cells, platemap.drop(columns="train_class"))
+
+
+def test_cells_outside_the_platemap_are_rejected(cells, platemap):
+    stray = cells.copy()
+    stray.loc[0, "well"] = "A1"
+    with pytest.raises(ValueError, match=r"absent from the plate map.*'A1'"):
+        per_well_summary(stray, platemap)
+
+
+def test_duplicated_platemap_well_is_rejected(cells, platemap):
+    with pytest.raises(ValueError, match="more than once"):
+        per_plate_summary(cells, pd.concat([platemap, platemap.iloc[[0]]]))
+
+
+def test_missing_probability_is_rejected(cells, platemap):
+    broken = cells.copy()
+    broken.loc[3, "probability"] = np.nan
+    with pytest.raises(ValueError, match="missing values in 'probability'"):
+        per_well_summary(broken, platemap)
+
+
+# ---------------------------------------------------------------- per_sample_summary
+def test_per_sample_pooled_values(cells, platemap):
+    table = per_sample_summary(cells, platemap, min_cells=3)
+    assert list(table.columns) == PER_SAMPLE_COLUMNS
+    s1, s2 = (row for _, row in table.iterrows())
+
+    # S1: P1/A01 (8 of 10) and P2/A01 (2 of 5), on two plates.
+    assert (s1["sample"], s1["condition"], s1["cell_line"], s1["train_class"]) == (
+        "S1",
+        "dmso",
+        "L1",
+        "high_potential",
+    )
+    assert (s1["n_plates"], s1["n_wells"], s1["n_wells_failed_qc"]) == (2, 2, 0)
+    assert (s1["n_cells"], s1["n_positive"]) == (15, 10)
+    assert s1["fraction_positive"] == pytest.approx(10 / 15)
+    assert (s1["fraction_ci_low"], s1["fraction_ci_high"]) == pytest.approx(wilson_by_hand(10, 15))
+    assert s1["mean_probability"] == pytest.approx((7.4 + 1.9) / 15)
+    # 15 sorted probabilities: 0.1 0.1 0.1 0.2 0.3 0.6 0.7 | 0.9 | 0.9 ... -> the 8th is 0.9.
+    assert s1["median_probability"] == pytest.approx(0.9)
+    assert s1["mean_elongation"] == pytest.approx((5 * 0.2 + 5 * 0.4 + 5 * 0.5) / 15)
+    # 15 sorted areas: 10 20 30 40 50 100 100 | 100 | ... -> the 8th is 100.
+    assert s1["median_area"] == pytest.approx(100.0)
+
+    # S2: only P1/A02 passes QC (P1/B01 and P2/B01 empty, P2/A02 has 2 < 3 cells).
+    assert (s2["sample"], s2["condition"], s2["cell_line"], s2["train_class"]) == (
+        "S2",
+        "drug",
+        "L2",
+        "",
+    )
+    assert (s2["n_plates"], s2["n_wells"], s2["n_wells_failed_qc"]) == (1, 1, 3)
+    assert (s2["n_cells"], s2["n_positive"]) == (4, 1)
+    assert s2["fraction_positive"] == pytest.approx(0.25)
+    assert (s2["fraction_ci_low"], s2["fraction_ci_high"]) == pytest.approx(wilson_by_hand(1, 4))
+    assert s2["mean_probability"] == pytest.approx(0.4)
+    assert s2["median_probability"] == pytest.approx(0.3)
+    assert s2["mean_elongation"] == pytest.approx(0.25)
+    assert s2["median_area"] == pytest.approx(65.0)
+
+
+def test_per_sample_well_bootstrap_by_hand(cells, platemap):
+    table = per_sample_summary(cells, platemap, min_cells=3).set_index("sample")
+    # Two wells (8/10 and 2/5): a replicate draws {A,A} -> 16/20 = 0.8, {B,B} -> 4/10 = 0.4
+    # (each with probability 1/4) or {A,B} -> 10/15. The 2.5 % and 97.5 % quantiles of 2000
+    # replicates are therefore exactly 0.4 and 0.8.
+    assert table.loc["S1", "well_ci_low"] == pytest.approx(0.4)
+    assert table.loc["S1", "well_ci_high"] == pytest.approx(0.8)
+    # One contributing well says nothing about well-to-well variation.
+    assert np.isnan(table.loc["S2", "well_ci_low"]) and np.isnan(table.loc["S2", "well_ci_high"])
+
+
+def test_per_sample_dtypes(cells, platemap):
+    table = per_sample_summary(cells, platemap, min_cells=3)
+    for column in ("n_plates", "n_wells", "n_wells_failed_qc", "n_cells", "n_positive"):
+        assert table[column].dtype == np.int64
+    for column in (
+        "fraction_positive",
+        "fraction_ci_low",
+        "fraction_ci_high",
+        "well_ci_low",
+        "well_ci_high",
+        "mean_probability",
+        "median_probability",
+        "mean_elongation",
+        "median_area",
+    ):
+        assert table[column].dtype == np.float64
+
+
+def test_per_sample_all_wells_failing_keeps_a_row(cells, platemap):
+    table = per_sample_summary(cells, platemap, min_cells=100).set_index("sample")
+    assert table["n_wells"].tolist() == [0, 0]
+    assert table["n_cells"].tolist() == [0, 0]
+    assert table["n_wells_failed_qc"].tolist() == [2, 4]
+    assert table["fraction_positive"].isna().all()
+
+
+def test_per_sample_ignores_wells_without_sample(cells, platemap):
+    blank = platemap.copy()
+    blank.loc[blank["well"] == "A02", "sample"] = ""
+    table = per_sample_summary(cells, blank, min_cells=3).set_index("sample")
+    assert table.index.tolist() == ["S1", "S2"]
+    assert table.loc["S2", "n_wells_failed_qc"] == 2  # P2/A02 no longer belongs to S2
+    assert table.loc["S2", "n_cells"] == 0
+
+
+def _many_wells(sample: str, n_wells: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Cells and plate map of one sample spread over wells with varying positive rates."""
+    rng = np.random.default_rng(seed)
+    wells = [f"B{column:02d}" for column in range(1, n_wells + 1)]
+    frames = [
+        _well_cells(
+            "P9", well, rng.uniform(0, 1, size=40) ** rng.uniform(0.3, 3), [0.5] * 40, [100] * 40
+        )
+        for well in wells
+    ]
+    platemap = pd.DataFrame(
+        {
+            "plate": "P9",
+            "well": wells,
+            "sample": sample,
+            "condition": "",
+            "cell_line": "",
+            "train_class": "",
+        }
+    )
+    return pd.concat(frames, ignore_index=True), platemap
+
+
+def test_per_sample_bootstrap_is_deterministic_and_covers_the_estimate():
+    cells, platemap = _many_wells("S", 10, seed=3)
+    first = per_sample_summary(cells, platemap, n_bootstrap=500, seed=7, min_cells=3)
+    again = per_sample_summary(cells, platemap, n_bootstrap=500, seed=7, min_cells=3)
+    other = per_sample_summary(cells, platemap, n_bootstrap=500, seed=8, min_cells=3)
+    pd.testing.assert_frame_equal(first, again)
+    row = first.iloc[0]
+    assert row["well_ci_low"] < row["fraction_positive"] < row["well_ci_high"]
+    assert (row["well_ci_low"], row["well_ci_high"]) != (
+        other.iloc[0]["well_ci_low"],
+        other.iloc[0]["well_ci_high"],
+    )
+    # Well-to-well spread here exceeds binomial noise, so the bootstrap is wider than Wilson.
+    assert (
+        row["well_ci_high"] - row["well_ci_low"] > row["fraction_ci_high"] - row["fraction_ci_low"]
+    )
+
+
+def test_per_sample_bootstrap_does_not_depend_on_other_samples():
+    cells, platemap = _many_wells("S", 6, seed=3)
+    alone = per_sample_summary(cells, platemap, n_bootstrap=300, min_cells=3)
+    extra_cells, extra_map = _many_wells("A-other", 4, seed=4)
+    extra_cells["plate"], extra_map["plate"] = "P8", "P8"
+    both = per_sample_summary(
+        pd.concat([cells, extra_cells]),
+        pd.concat([platemap, extra_map]),
+        n_bootstrap=300,
+        min_cells=3,
+    ).set_index("sample")
+    assert both.loc["S", "well_ci_low"] == alone.iloc[0]["well_ci_low"]
+    assert both.loc["S", "well_ci_high"] == alone.iloc[0]["well_ci_high"]
+
+
+def test_per_sample_rejects_zero_bootstrap(cells, platemap):
+    with pytest.raises(ValueError, match="n_bootstrap"):
+        per_sample_summary(cells, platemap, n_bootstrap=0)
+
+
+# ---------------------------------------------------------------- per_plate_summary
+def test_per_plate_values(cells, platemap):
+    table = per_plate_summary(cells, platemap)
+    assert list(table.columns) == PER_PLATE_COLUMNS
+    assert table["plate"].tolist() == ["P1", "P2"]
+    assert table["n_wells"].tolist() == [3, 3]
+    assert table["n_wells_with_cells"].tolist() == [2, 2]
+    assert table["n_cells"].tolist() == [14, 7]
+    assert table["n_positive"].tolist() == [9, 4]
+    np.testing.assert_allclose(table["fraction_positive"], [9 / 14, 4 / 7])
+    np.testing.assert_allclose(table["mean_probability"], [(7.4 + 1.6) / 14, (1.9 + 1.45) / 7])
+    for column in ("n_wells", "n_wells_with_cells", "n_cells", "n_positive"):
+        assert table[column].dtype == np.int64
+    for column in ("fraction_positive", "mean_probability"):
+        assert table[column].dtype == np.float64
+
+
+def test_per_plate_without_cells(cells, platemap):
+    table = per_plate_summary(cells[cells["plate"] == "P1"], platemap)
+    assert table["n_cells"].tolist() == [14, 0]
+    assert table["n_wells_with_cells"].tolist() == [2, 0]
+    assert np.isnan(table.loc[1, "fraction_positive"]) and np.isnan(
+        table.loc[1, "mean_probability"]
+    )

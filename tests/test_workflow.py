@@ -1,0 +1,96 @@
+"""End to end: Snakemake runs the whole workflow on a small synthetic plate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from .conftest import ROOT
+
+BIN = Path(sys.executable).parent
+# Four pure wells per class (the minimum for a train/val/test split by well plus margin)
+# and three mixed samples.
+WELLS = ["A01", "A02", "B01", "B02", "A03", "A04", "B03", "B04", "C01", "C02", "C03", "C04", "D01", "D02"]
+
+
+def snakemake(workdir: Path, *arguments: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    command = [
+        str(BIN / "snakemake"),
+        "--snakefile",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        "2",
+        *arguments,
+    ]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("e2e")
+    subprocess.run(
+        [str(BIN / "metascreen"), "synth", str(workdir / "plate"), "--seed", "7", "--fields-per-well", "2", "--wells", *WELLS],
+        check=True,
+        capture_output=True,
+    )
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config["plates"] = {"demo": {"images": "plate/images"}}
+    config["platemap"] = "plate/platemap.csv"
+    config["train"]["epochs"] = 12
+    config["aggregate"]["n_bootstrap"] = 200
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_every_sample_fraction_is_within_ten_points_of_truth(finished_run):
+    measured = pd.read_csv(finished_run / "results" / "summary" / "per_sample.csv").set_index("sample")
+    truth = pd.read_csv(finished_run / "plate" / "truth" / "per_sample.csv").set_index("sample")
+    assert sorted(measured.index) == sorted(truth.index)
+    error = (measured["fraction_positive"] - truth["fraction_positive"]).abs()
+    assert (error <= 0.10).all(), error.to_dict()
+    assert (measured["n_cells"] > 0).all()
+
+
+@pytest.mark.slow
+def test_outputs_follow_the_contract(finished_run):
+    results = finished_run / "results"
+    per_well = pd.read_parquet(results / "summary" / "per_well.parquet")
+    assert sorted(per_well["well"]) == sorted(WELLS)
+    for column in ("plate", "well", "sample", "n_cells", "fraction_positive", "mean_probability"):
+        assert column in per_well
+    cells = pd.read_parquet(results / "demo" / "demo_cells.parquet")
+    assert len(cells) == per_well["n_cells"].sum()
+    assert cells["probability"].between(0, 1).all()
+    assert cells.set_index(["plate", "well", "field", "label"]).index.is_unique
+    evaluation = json.loads((results / "model" / "evaluation.json").read_text())
+    for key in ("accuracy", "balanced_accuracy", "roc_auc", "ece", "baseline_accuracy"):
+        assert 0 <= evaluation[key] <= 1
+    assert (results / "model" / "model.safetensors").stat().st_size > 0
+    html = (results / "demo" / "report.html").read_text()
+    assert "<img" in html and "http://" not in html
+
+
+@pytest.mark.slow
+def test_rerun_redoes_only_the_unfinished_well(finished_run):
+    assert "Nothing to be done" in snakemake(finished_run, "--dry-run").stdout
+    # A well whose segmentation never finished: its manifest is missing.
+    (finished_run / "results" / "demo" / "segment" / "C02.json").unlink()
+    plan = snakemake(finished_run, "--dry-run", "--quiet", "rules").stdout
+    counts = {line.split()[0]: int(line.split()[1]) for line in plan.splitlines() if line[:1].isalpha() and line.split()[-1].isdigit() and len(line.split()) == 2}
+    assert counts.get("segment_well") == 1 and counts.get("measure_well") == 1 and counts.get("classify_well") == 1
+    assert "ingest_well" not in counts and "train" not in counts

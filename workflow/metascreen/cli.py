@@ -1,0 +1,271 @@
+"""Command line of metascreen: ``metascreen <command> ...`` (or ``python -m metascreen``).
+
+The Snakemake rules call these commands, one per job; each is usable on its own too.
+Settings arrive as JSON (the rules pass the validated config section, so that a change
+of a setting reruns exactly the jobs that use it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from metascreen import config as configuration
+from metascreen import stages, synth
+from metascreen.discover import DiscoveryError
+
+
+def _json(text: str) -> Any:
+    return json.loads(text)
+
+
+def _platemap(text: str) -> pd.DataFrame:
+    return pd.DataFrame.from_records(json.loads(text)).astype(str)
+
+
+def _add(subparsers: Any, name: str, help_text: str, *arguments: tuple[str, dict[str, Any]]) -> None:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    for flag, options in arguments:
+        parser.add_argument(flag, **options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metascreen", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    required = {"required": True}
+    many = {"required": True, "nargs": "+"}
+    settings = ("--settings", {"required": True, "type": _json, "help": "settings as JSON"})
+    threads = ("--threads", {"type": int, "default": 1})
+    platemap = ("--platemap", {"required": True, "type": _platemap, "help": "plate-map rows as JSON"})
+
+    _add(
+        commands,
+        "synth",
+        "Write a synthetic label-free plate with ground truth (images/, platemap.csv, truth/).",
+        ("out", {"type": Path}),
+        ("--seed", {"type": int, "default": 0}),
+        ("--fields-per-well", {"type": int, "default": 3}),
+        ("--size", {"type": int, "default": 512, "help": "field edge in pixels"}),
+        ("--z-planes", {"type": int, "default": 1}),
+        ("--channels", {"type": int, "default": 1}),
+        ("--wells", {"nargs": "+", "help": "only these wells of the demo layout"}),
+    )
+    _add(
+        commands,
+        "check",
+        "Validate a config file and its plate map; print what would run.",
+        ("--config", {"type": Path, "default": Path("config/config.yaml")}),
+    )
+    _add(
+        commands,
+        "plan",
+        "Discover a plate's TIFFs, check them against the plate map, create the empty OME-Zarr plate.",
+        ("--plate", required),
+        ("--images", required),
+        platemap,
+        settings,
+        ("--plan", required),
+        ("--zarr", required),
+    )
+    _add(
+        commands,
+        "ingest",
+        "Convert one well's TIFFs into the OME-Zarr plate.",
+        ("--plan", required),
+        ("--zarr", required),
+        ("--well", required),
+        settings,
+        ("--manifest", required),
+        threads,
+    )
+    _add(
+        commands,
+        "segment",
+        "Segment every field of a well; store NGFF labels.",
+        ("--zarr", required),
+        ("--well", required),
+        settings,
+        ("--manifest", required),
+        threads,
+    )
+    _add(
+        commands,
+        "measure",
+        "Measure every cell of a well and store its crops.",
+        ("--zarr", required),
+        ("--plate", required),
+        ("--well", required),
+        settings,
+        ("--channel", {"type": int, "default": 0}),
+        ("--table", required),
+        ("--crops", required),
+    )
+    _add(
+        commands,
+        "train",
+        "Train, calibrate and evaluate the classifier on the training wells.",
+        ("--tables", many),
+        ("--crops", many),
+        platemap,
+        ("--classes", {"required": True, "type": _json}),
+        settings,
+        ("--crop-settings", {"required": True, "type": _json}),
+        ("--model", required),
+        ("--evaluation", required),
+        threads,
+    )
+    _add(
+        commands,
+        "import-model",
+        "Check a model trained elsewhere against this run's crops and copy it into the results.",
+        ("--source", required),
+        ("--crop-settings", {"required": True, "type": _json}),
+        ("--model", required),
+        ("--evaluation", required),
+    )
+    _add(
+        commands,
+        "classify",
+        "Classify every cell of a well.",
+        ("--table", required),
+        ("--crops", required),
+        ("--model", required),
+        settings,
+        ("--output", required),
+        threads,
+    )
+    _add(
+        commands,
+        "collect",
+        "Join a plate's per-well tables into its per-cell table.",
+        ("--measurements", many),
+        ("--predictions", many),
+        platemap,
+        ("--positive-class", required),
+        ("--output", required),
+    )
+    _add(
+        commands,
+        "summarize",
+        "Per-well, per-sample and per-plate tables across plates.",
+        ("--cells", many),
+        platemap,
+        settings,
+        ("--outdir", required),
+    )
+    _add(
+        commands,
+        "report",
+        "Render a plate's HTML report.",
+        ("--plate", required),
+        ("--cells", required),
+        ("--per-well", required),
+        ("--per-sample", required),
+        ("--evaluation", required),
+        ("--plan", required),
+        ("--model", required),
+        ("--crops-dir", required),
+        ("--config", {"required": True, "type": _json}),
+        ("--output", required),
+    )
+    _add(
+        commands,
+        "report-index",
+        "Render the cross-plate summary page.",
+        ("--plates", many),
+        ("--per-plate", required),
+        ("--per-sample", required),
+        ("--output", required),
+    )
+    return parser
+
+
+def _check(config_path: Path) -> None:
+    with open(config_path, encoding="utf-8") as handle:
+        config = configuration.validate_config(yaml.safe_load(handle) or {})
+    platemap = configuration.validate_platemap(
+        configuration.read_platemap(config["platemap"]), plates=list(config["plates"]), classes=config["classes"]
+    )
+    for plate, group in platemap.groupby("plate"):
+        training_wells = (group["train_class"] != "").sum()
+        print(f"plate {plate}: {len(group)} wells, {group['sample'].nunique()} samples, {training_wells} training wells")
+
+
+def run(arguments: argparse.Namespace) -> None:
+    """Dispatch a parsed command line to its stage."""
+    a = arguments
+    if a.command == "synth":
+        layout = synth.demo_layout()
+        if a.wells:
+            layout = layout[layout["well"].isin(a.wells)]
+        out = synth.write_plate(
+            a.out,
+            layout=layout,
+            seed=a.seed,
+            fields_per_well=a.fields_per_well,
+            shape=(a.size, a.size),
+            z_planes=a.z_planes,
+            channels=a.channels,
+        )
+        print(f"synthetic plate written to {out}")
+    elif a.command == "check":
+        _check(a.config)
+    elif a.command == "plan":
+        stages.plan(a.plate, a.images, a.platemap, a.settings, a.plan, a.zarr)
+    elif a.command == "ingest":
+        stages.ingest_well(a.plan, a.zarr, a.well, a.settings, a.manifest, a.threads)
+    elif a.command == "segment":
+        stages.segment_well(a.zarr, a.well, a.settings, a.manifest, a.threads)
+    elif a.command == "measure":
+        stages.measure_well(a.zarr, a.plate, a.well, a.settings, a.channel, a.table, a.crops)
+    elif a.command == "train":
+        stages.train(
+            a.tables, a.crops, a.platemap, a.classes, a.settings, a.crop_settings, a.model, a.evaluation, a.threads
+        )
+    elif a.command == "import-model":
+        stages.import_model(a.source, a.crop_settings, a.model, a.evaluation)
+    elif a.command == "classify":
+        stages.classify_well(a.table, a.crops, a.model, a.settings, a.output, a.threads)
+    elif a.command == "collect":
+        stages.collect_plate(a.measurements, a.predictions, a.platemap, a.positive_class, a.output)
+    elif a.command == "summarize":
+        outdir = Path(a.outdir)
+        outputs = {
+            f"{name}_{kind}": outdir / f"{name}.{kind}"
+            for name in ("per_well", "per_sample", "per_plate")
+            for kind in ("csv", "parquet")
+        }
+        stages.summarize(a.cells, a.platemap, a.settings, outputs)
+    elif a.command == "report":
+        stages.report_plate(
+            a.plate,
+            a.cells,
+            a.per_well,
+            a.per_sample,
+            a.evaluation,
+            a.plan,
+            a.model,
+            a.crops_dir,
+            a.config,
+            a.output,
+        )
+    elif a.command == "report-index":
+        stages.report_index(a.plates, a.per_plate, a.per_sample, a.output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; expected problems end with a one-line error and exit status 1."""
+    arguments = build_parser().parse_args(argv)
+    stages.configure_logging()
+    try:
+        run(arguments)
+    except (configuration.ConfigError, DiscoveryError) as error:
+        print(f"metascreen {arguments.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,550 @@
+"""The pipeline's stages at the I/O edge: read inputs, call the pure functions, write outputs.
+
+Each function is one Snakemake job (one well, or one plate for cheap steps). Outputs are
+written under a temporary name and renamed into place, so a killed job leaves nothing
+that looks complete; the small JSON manifests the rules track are written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+from collections.abc import Iterator, Sequence
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+import zarr
+
+from metascreen import __version__, aggregate, discover, measure, ngff
+from metascreen import segment as segmentation
+
+log = logging.getLogger("metascreen")
+# torch and matplotlib are imported inside the stages that need them (train, classify,
+# report): the many per-well ingest and segmentation jobs then start without paying for them.
+
+CROP_CHUNK = 256
+PACKAGES = ("metascreen", "numpy", "dask", "zarr", "ome-zarr", "tifffile", "scikit-image", "torch", "pandas")
+# Morphology features of the logistic-regression baseline: shape and intensity, not position.
+BASELINE_FEATURES = (
+    "area",
+    "perimeter",
+    "eccentricity",
+    "solidity",
+    "major_axis_length",
+    "minor_axis_length",
+    "aspect_ratio",
+    "elongation",
+    "intensity_mean",
+    "intensity_std",
+)
+
+
+# ---------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of ``path``; rename it to ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    if partial.is_dir():
+        shutil.rmtree(partial)
+    try:
+        yield partial
+    except BaseException:
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+        raise
+    if path.is_dir():
+        shutil.rmtree(path)
+    os.replace(partial, path)
+
+
+def write_json(path: str | Path, content: Any) -> None:
+    """Write JSON atomically."""
+    with atomic_path(path) as partial:
+        partial.write_text(json.dumps(content, indent=2, default=_json_default) + "\n", encoding="utf-8")
+
+
+def write_table(table: pd.DataFrame, path: str | Path) -> None:
+    """Write a table atomically as Parquet or CSV, by the file's suffix."""
+    with atomic_path(path) as partial:
+        if Path(path).suffix == ".parquet":
+            table.to_parquet(partial, index=False)
+        else:
+            table.to_csv(partial, index=False)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape the results, plus Python's."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        with contextlib.suppress(importlib_metadata.PackageNotFoundError):
+            versions[name] = importlib_metadata.version(name)
+    return versions
+
+
+# ---------------------------------------------------------------- plan and ingest
+def plan(
+    plate: str,
+    images: str | Path,
+    platemap: pd.DataFrame,
+    settings: dict[str, Any],
+    plan_path: str | Path,
+    zarr_path: str | Path,
+) -> dict[str, Any]:
+    """Discover a plate's files, check them against the plate map and create the empty plate.
+
+    Writes ``plan_path`` (JSON) and the plate's root metadata at ``zarr_path``.
+    """
+    pattern = discover.naming_pattern(settings["preset"], settings["pattern"])
+    files, unmatched = discover.discover_files(images, pattern)
+    wells = platemap.loc[platemap["plate"] == plate, "well"].tolist()
+    layout = discover.plan_plate(
+        plate, files, unmatched, wells, unexpected_wells=settings["unexpected_wells"]
+    )
+    for well in layout["unexpected_wells"]:
+        log.warning("plate %s: images of well %s are not in the plate map and are skipped", plate, well)
+    if unmatched:
+        log.warning("plate %s: %d files match no naming pattern, e.g. %s", plate, len(unmatched), unmatched[0])
+    log.info(
+        "plate %s: %d wells, %d fields, %d channels, %s %s per file, %d files",
+        plate,
+        len(layout["wells"]),
+        layout["n_fields"],
+        layout["n_channels"],
+        layout["shape"],
+        layout["dtype"],
+        layout["n_files"],
+    )
+    ngff.create_plate(zarr_path, plate, list(layout["wells"]), layout["n_fields"])
+    write_json(plan_path, layout)
+    return layout
+
+
+def ingest_well(
+    plan_path: str | Path,
+    zarr_path: str | Path,
+    well: str,
+    settings: dict[str, Any],
+    manifest_path: str | Path,
+    threads: int = 1,
+) -> None:
+    """Convert one well's TIFFs into the plate; write its manifest last."""
+    layout = read_json(plan_path)
+    shape = layout["shape"]
+    shape_zyx = (int(np.prod(shape[:-2])) if len(shape) > 2 else 1, shape[-2], shape[-1])
+    fields = layout["wells"][well]
+    ngff.write_well(
+        zarr_path,
+        well,
+        fields,
+        shape_zyx=shape_zyx,
+        dtype=layout["dtype"],
+        channel_names=settings["channel_names"],
+        pixel_size_um=settings["pixel_size_um"],
+        compression_level=settings["compression_level"],
+        num_workers=threads,
+    )
+    log.info("%s %s: %d fields written", layout["plate"], well, len(fields))
+    write_json(
+        manifest_path,
+        {"plate": layout["plate"], "well": well, "n_fields": len(fields), "files": fields},
+    )
+
+
+# ---------------------------------------------------------------- segmentation
+def _segmentation_plane(image: da.Array, channel: int) -> da.Array:
+    """The ``(y, x)`` plane to segment: the chosen channel's middle Z plane."""
+    return image[0, channel, image.shape[2] // 2]
+
+
+def segment_well(
+    zarr_path: str | Path,
+    well: str,
+    settings: dict[str, Any],
+    manifest_path: str | Path,
+    threads: int = 1,
+) -> None:
+    """Segment every field of a well (fields in parallel) and store NGFF labels."""
+    parameters = {key: value for key, value in settings.items() if key != "channel"}
+
+    def segment_field(field: int) -> int:
+        plane = _segmentation_plane(ngff.field_image(zarr_path, well, field), settings["channel"])
+        labels = segmentation.segment_label_free(np.asarray(plane.compute(scheduler="sync")), **parameters)
+        ngff.write_field_labels(zarr_path, well, field, labels)
+        return int(labels.max())
+
+    fields = range(ngff.field_count(zarr_path, well))
+    with dask.config.set(scheduler="threads", num_workers=threads):
+        counts = dask.compute(*[dask.delayed(segment_field)(field) for field in fields])
+    log.info("%s: %d cells in %d fields", well, sum(counts), len(counts))
+    write_json(manifest_path, {"well": well, "cells_per_field": list(counts)})
+
+
+# ---------------------------------------------------------------- measurement and crops
+def measure_well(
+    zarr_path: str | Path,
+    plate: str,
+    well: str,
+    settings: dict[str, Any],
+    channel: int,
+    table_path: str | Path,
+    crops_path: str | Path,
+) -> None:
+    """Measure every cell of a well and store its fixed-size crops.
+
+    The crops are one zarr array ``(n_cells, channels, size, size)`` chunked along cells;
+    row ``crop_index`` of the table is the cell's crop.
+    """
+    tables, crops = [], []
+    for field in range(ngff.field_count(zarr_path, well)):
+        plane = np.asarray(_segmentation_plane(ngff.field_image(zarr_path, well, field), channel))
+        labels = ngff.field_labels(zarr_path, well, field)
+        table = measure.measure_cells(labels, plane)
+        crops.append(
+            measure.extract_crops(
+                plane, labels, table, size=settings["crop_size"], with_mask=settings["with_mask"]
+            )
+        )
+        table.insert(0, "field", field)
+        tables.append(table)
+    cells = pd.concat(tables, ignore_index=True)
+    cells.insert(0, "well", well)
+    cells.insert(0, "plate", plate)
+    cells["crop_index"] = np.arange(len(cells), dtype=np.int64)
+    stacked = np.concatenate(crops) if crops else np.zeros((0, 1, 1, 1), np.float32)
+
+    with atomic_path(crops_path) as partial:
+        array = zarr.create_array(
+            store=str(partial),
+            shape=stacked.shape,
+            chunks=(CROP_CHUNK, *stacked.shape[1:]),
+            dtype="float32",
+            zarr_format=3,
+        )
+        array[...] = stacked
+        array.attrs.update(
+            {
+                "plate": plate,
+                "well": well,
+                "crop_size": settings["crop_size"],
+                "channels": ["image", "mask"] if settings["with_mask"] else ["image"],
+            }
+        )
+    write_table(cells, table_path)
+    log.info("%s %s: %d cells measured, crops %s", plate, well, len(cells), stacked.shape)
+
+
+# ---------------------------------------------------------------- training
+def _training_set(
+    tables: Sequence[str | Path], crops: Sequence[str | Path], platemap: pd.DataFrame, classes: dict[str, str]
+) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """Cell tables (with ``label`` 0/1 and ``well_key``) and crops of the training wells."""
+    classes_of_wells = platemap.set_index(["plate", "well"])["train_class"]
+    frames, arrays = [], []
+    for table_path, crops_path in zip(tables, crops, strict=True):
+        cells = pd.read_parquet(table_path)
+        if cells.empty:
+            continue
+        plate, well = cells["plate"].iloc[0], cells["well"].iloc[0]
+        cells["well_key"] = f"{plate}/{well}"
+        cells["target"] = int(classes_of_wells[(plate, well)] == classes["positive"])
+        frames.append(cells)
+        arrays.append(zarr.open_array(str(crops_path), mode="r")[...])
+    if not frames:
+        raise ValueError("no cells in the training wells: check the plate map's train_class column")
+    return pd.concat(frames, ignore_index=True), arrays
+
+
+def train(
+    tables: Sequence[str | Path],
+    crops: Sequence[str | Path],
+    platemap: pd.DataFrame,
+    classes: dict[str, str],
+    settings: dict[str, Any],
+    crop_settings: dict[str, Any],
+    model_path: str | Path,
+    evaluation_path: str | Path,
+    threads: int = 1,
+) -> None:
+    """Train the CNN on the training wells, split by well; calibrate and evaluate it."""
+    import torch
+
+    from metascreen import model, training
+
+    torch.set_num_threads(threads)
+    cells, arrays = _training_set(tables, crops, platemap, classes)
+    all_crops = np.concatenate(arrays)
+    wells = cells.drop_duplicates("well_key")[["well_key", "target"]].rename(columns={"target": "label"})
+    split_of_well = training.split_wells(
+        wells,
+        seed=settings["seed"],
+        val_fraction=settings["val_fraction"],
+        test_fraction=settings["test_fraction"],
+    )
+    split = cells["well_key"].map(split_of_well).to_numpy()
+    targets = cells["target"].to_numpy()
+
+    def part(name: str) -> tuple[np.ndarray, np.ndarray]:
+        return all_crops[split == name], targets[split == name]
+
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = part("train"), part("val"), part("test")
+    log.info("training cells: %d train, %d validation, %d test", len(train_y), len(val_y), len(test_y))
+
+    def progress(epoch: int, n_epochs: int, train_loss: float, val_loss: float, val_accuracy: float) -> None:
+        log.info(
+            "epoch %d/%d  train loss %.4f  val loss %.4f  val accuracy %.3f",
+            epoch,
+            n_epochs,
+            train_loss,
+            val_loss,
+            val_accuracy,
+        )
+
+    network, history = training.train_classifier(
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        width=settings["width"],
+        depth=settings["depth"],
+        epochs=settings["epochs"],
+        batch_size=settings["batch_size"],
+        learning_rate=settings["learning_rate"],
+        seed=settings["seed"],
+        progress=progress,
+    )
+    temperature = training.fit_temperature(training.predict_logits(network, val_x), val_y)
+    test_probability = training.calibrated_probability(training.predict_logits(network, test_x), temperature)
+    metrics = training.evaluate_predictions(test_y, test_probability)
+
+    features = cells[list(BASELINE_FEATURES)].to_numpy(np.float64)
+    baseline = training.fit_logistic_baseline(features[split == "train"], train_y)
+    baseline_probability = training.predict_logistic_baseline(baseline, features[split == "test"])
+    baseline_metrics = training.evaluate_predictions(test_y, baseline_probability)
+
+    metadata = model.ModelMetadata(
+        classes=dict(classes),
+        crop_size=crop_settings["crop_size"],
+        channels=["image", "mask"] if crop_settings["with_mask"] else ["image"],
+        normalisation=measure.CROP_NORMALISATION,
+        width=settings["width"],
+        depth=settings["depth"],
+        temperature=float(temperature),
+        training_wells=sorted(wells["well_key"]),
+        training_data_sha256=training.dataset_sha256(train_x, train_y, val_x, val_y),
+        metrics={key: metrics[key] for key in ("accuracy", "balanced_accuracy", "roc_auc", "ece")},
+        package_versions=package_versions(),
+        seed=settings["seed"],
+    )
+    sha256 = model.save_model(model_path, network, metadata)
+    evaluation = {
+        **metrics,
+        "baseline_accuracy": baseline_metrics["accuracy"],
+        "baseline_balanced_accuracy": baseline_metrics["balanced_accuracy"],
+        "baseline_roc_auc": baseline_metrics["roc_auc"],
+        "baseline_features": list(BASELINE_FEATURES),
+        "temperature": float(temperature),
+        "best_epoch": history["best_epoch"],
+        "n_train_cells": int(len(train_y)),
+        "n_val_cells": int(len(val_y)),
+        "n_test_cells": int(len(test_y)),
+        "wells": {name: sorted(k for k, s in split_of_well.items() if s == name) for name in ("train", "val", "test")},
+        "model_sha256": sha256,
+    }
+    write_json(evaluation_path, evaluation)
+    log.info(
+        "test accuracy %.3f (baseline %.3f), ROC-AUC %.3f, ECE %.3f",
+        metrics["accuracy"],
+        baseline_metrics["accuracy"],
+        metrics["roc_auc"],
+        metrics["ece"],
+    )
+
+
+def import_model(source: str | Path, crop_settings: dict[str, Any], model_path: str | Path, evaluation_path: str | Path) -> None:
+    """Check a model trained elsewhere against this run's crops and copy it into the results."""
+    from metascreen import model
+
+    channels = 2 if crop_settings["with_mask"] else 1
+    _, metadata = model.load_model(source, expected_crop_size=crop_settings["crop_size"], expected_channels=channels)
+    with atomic_path(Path(model_path).with_suffix(".json")) as partial:
+        shutil.copyfile(Path(source).with_suffix(".json"), partial)
+    with atomic_path(model_path) as partial:
+        shutil.copyfile(source, partial)
+    write_json(
+        evaluation_path,
+        {**metadata.metrics, "source": str(source), "model_sha256": model.file_sha256(model_path)},
+    )
+
+
+# ---------------------------------------------------------------- classification
+def classify_well(
+    table_path: str | Path,
+    crops_path: str | Path,
+    model_path: str | Path,
+    settings: dict[str, Any],
+    output_path: str | Path,
+    threads: int = 1,
+) -> None:
+    """Calibrated probability and predicted class of every cell of a well."""
+    from metascreen import inference, model
+
+    cells = pd.read_parquet(table_path, columns=["plate", "well", "field", "label"])
+    crops = da.from_zarr(zarr.open_array(str(crops_path), mode="r"))
+    _, metadata = model.load_model(model_path)
+    probability = inference.classify_crops(
+        crops,
+        model_path,
+        batch_size=settings["batch_size"],
+        device=settings["device"],
+        num_workers=threads,
+    )
+    cells["probability"] = probability.astype(np.float64)
+    cells["predicted_class"] = np.where(
+        probability >= 0.5, metadata.classes["positive"], metadata.classes["negative"]
+    )
+    cells["model_sha256"] = model.file_sha256(model_path)
+    write_table(cells, output_path)
+    log.info("%d cells classified, %.1f%% positive", len(cells), 100 * float(np.mean(probability >= 0.5)) if len(cells) else 0.0)
+
+
+# ---------------------------------------------------------------- aggregation and reports
+def collect_plate(
+    measure_tables: Sequence[str | Path],
+    classify_tables: Sequence[str | Path],
+    platemap: pd.DataFrame,
+    positive_class: str,
+    output_path: str | Path,
+) -> None:
+    """Join a plate's per-well measurements, predictions and plate map into one per-cell table."""
+    keys = ["plate", "well", "field", "label"]
+    features = pd.concat([pd.read_parquet(path) for path in measure_tables], ignore_index=True)
+    predictions = pd.concat([pd.read_parquet(path) for path in classify_tables], ignore_index=True)
+    cells = features.merge(predictions, on=keys, how="left", validate="one_to_one")
+    cells = cells.merge(platemap, on=["plate", "well"], how="left", validate="many_to_one")
+    cells["is_positive"] = cells["predicted_class"] == positive_class
+    write_table(cells, output_path)
+
+
+def summarize(
+    cell_tables: Sequence[str | Path],
+    platemap: pd.DataFrame,
+    settings: dict[str, Any],
+    outputs: dict[str, str | Path],
+) -> None:
+    """Per-well, per-sample and per-plate tables (CSV and Parquet) across all plates."""
+    cells = pd.concat([pd.read_parquet(path) for path in cell_tables], ignore_index=True)
+    tables = {
+        "per_well": aggregate.per_well_summary(cells, platemap, min_cells=settings["min_cells_per_well"]),
+        "per_sample": aggregate.per_sample_summary(
+            cells, platemap, n_bootstrap=settings["n_bootstrap"], min_cells=settings["min_cells_per_well"]
+        ),
+        "per_plate": aggregate.per_plate_summary(cells, platemap),
+    }
+    for name, table in tables.items():
+        write_table(table, outputs[f"{name}_csv"])
+        write_table(table, outputs[f"{name}_parquet"])
+
+
+def _gallery(cells: pd.DataFrame, crops_dir: Path, classes: dict[str, str], per_class: int = 8) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """Most confident and most uncertain example cells per predicted class."""
+    gallery: dict[str, list[tuple[str, np.ndarray]]] = {}
+    confidence = (cells["probability"] - 0.5).abs()
+    for role in ("positive", "negative"):
+        name = classes[role]
+        of_class = cells[cells["predicted_class"] == name]
+        picks = {
+            f"most confident {name}": of_class.loc[confidence[of_class.index].sort_values(ascending=False).index[:per_class]],
+            f"most uncertain {name}": of_class.loc[confidence[of_class.index].sort_values().index[:per_class]],
+        }
+        for caption, chosen in picks.items():
+            examples = []
+            for row in chosen.itertuples():
+                crop = zarr.open_array(str(crops_dir / f"{row.well}.zarr"), mode="r")[int(row.crop_index), 0]
+                examples.append((f"{row.well} f{row.field} #{row.label} p={row.probability:.2f}", np.asarray(crop)))
+            gallery[caption] = examples
+    return gallery
+
+
+def report_plate(
+    plate: str,
+    cell_table: str | Path,
+    per_well_path: str | Path,
+    per_sample_path: str | Path,
+    evaluation_path: str | Path,
+    plan_path: str | Path,
+    model_path: str | Path,
+    crops_dir: str | Path,
+    config: dict[str, Any],
+    output_path: str | Path,
+) -> None:
+    """Render the self-contained HTML report of one plate.
+
+    The per-sample table is the one across all plates, restricted to this plate's samples.
+    """
+    from metascreen import model, report
+
+    cells = pd.read_parquet(cell_table)
+    per_well = pd.read_parquet(per_well_path)
+    per_sample = pd.read_parquet(per_sample_path)
+    provenance = {
+        "metascreen": __version__,
+        "model_sha256": model.file_sha256(model_path),
+        "input_files": read_json(plan_path)["n_files"],
+        "package_versions": package_versions(),
+        "config": config,
+    }
+    html = report.render_plate_report(
+        plate=plate,
+        per_well=per_well[per_well["plate"] == plate],
+        per_sample=per_sample[per_sample["sample"].isin(cells["sample"].unique())],
+        cells=cells,
+        evaluation=read_json(evaluation_path),
+        gallery=_gallery(cells, Path(crops_dir), config["classes"]),
+        provenance=provenance,
+        positive_class=config["classes"]["positive"],
+        negative_class=config["classes"]["negative"],
+    )
+    with atomic_path(output_path) as partial:
+        partial.write_text(html, encoding="utf-8")
+
+
+def report_index(plates: Sequence[str], per_plate_path: str | Path, per_sample_path: str | Path, output_path: str | Path) -> None:
+    """Render the cross-plate summary page."""
+    from metascreen import report
+
+    html = report.render_index(list(plates), pd.read_parquet(per_plate_path), pd.read_parquet(per_sample_path))
+    with atomic_path(output_path) as partial:
+        partial.write_text(html, encoding="utf-8")
+
+
+def configure_logging() -> None:
+    """Progress lines to stderr, which the rules send to their log files."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,86 @@
+# Helpers of the rules: validated config and plate map, per-well input lists, rule settings.
+import json
+import shlex
+from pathlib import Path
+
+from metascreen.config import read_platemap, validate_config, validate_platemap
+
+config.update(validate_config(config))
+PLATEMAP = validate_platemap(
+    read_platemap(config["platemap"]),
+    plates=list(config["plates"]),
+    classes=config["classes"],
+)
+PLATES = sorted(config["plates"])
+ENV = "../../envs/metascreen.yaml"
+
+# Jobs run `python -m metascreen`: make the package in workflow/ importable in any job
+# environment (the project's venv has it installed; a conda env from envs/ does not).
+shell.prefix(
+    "set -euo pipefail; "
+    f"export PYTHONPATH={shlex.quote(str(Path(workflow.basedir) / 'workflow'))}"
+    "${{PYTHONPATH:+:$PYTHONPATH}}; "
+)
+
+
+wildcard_constraints:
+    plate="|".join(PLATES),
+    well="[A-P][0-9]{2}",
+
+
+localrules:
+    plan_plate,
+    collect_plate,
+    summarize,
+    report_plate,
+    report_index,
+
+
+def wells_of(plate):
+    return PLATEMAP.loc[PLATEMAP["plate"] == plate, "well"].tolist()
+
+
+def training_wells():
+    """(plate, well) of every well with a known class."""
+    rows = PLATEMAP[PLATEMAP["train_class"] != ""]
+    return list(zip(rows["plate"], rows["well"]))
+
+
+def platemap_json(plate=None, columns=None):
+    """Plate-map rows as JSON, for params: a job reruns when its rows change, not the file's date."""
+    rows = PLATEMAP if plate is None else PLATEMAP[PLATEMAP["plate"] == plate]
+    if columns is not None:
+        rows = rows[columns]
+    return json.dumps(rows.to_dict(orient="records"), sort_keys=True)
+
+
+def settings_json(section, drop=()):
+    return json.dumps(
+        {key: value for key, value in config[section].items() if key not in drop},
+        sort_keys=True,
+    )
+
+
+def zarr_path(wildcards):
+    return f"results/{wildcards.plate}/{wildcards.plate}.ome.zarr"
+
+
+def mem_mb(base):
+    """Memory request that grows with each retry (--retries)."""
+    return lambda wildcards, attempt: base * attempt
+
+
+def per_well(pattern, plate):
+    return expand(pattern, plate=plate, well=wells_of(plate))
+
+
+def final_outputs():
+    outputs = [
+        "results/summary/per_well.csv",
+        "results/summary/per_sample.csv",
+        "results/summary/per_plate.csv",
+        "results/summary/report.html",
+        "results/model/evaluation.json",
+    ]
+    outputs += expand("results/{plate}/report.html", plate=PLATES)
+    return outputs

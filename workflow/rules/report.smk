@@ -1,0 +1,50 @@
+rule report_plate:
+    input:
+        cells="results/{plate}/{plate}_cells.parquet",
+        per_well="results/summary/per_well.parquet",
+        per_sample="results/summary/per_sample.parquet",
+        evaluation="results/model/evaluation.json",
+        plan="results/{plate}/plan.json",
+        model="results/model/model.safetensors",
+        crops=lambda wildcards: per_well(
+            "results/{plate}/crops/{well}.zarr", wildcards.plate
+        ),
+    output:
+        "results/{plate}/report.html",
+    log:
+        "results/logs/{plate}/report.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=mem_mb(2000),
+        runtime=20,
+    params:
+        crops_dir="results/{plate}/crops",
+        config=json.dumps(config, sort_keys=True),
+    shell:
+        "python -m metascreen report --plate {wildcards.plate} --cells {input.cells} "
+        "--per-well {input.per_well} --per-sample {input.per_sample} --evaluation {input.evaluation} --plan {input.plan} "
+        "--model {input.model} --crops-dir {params.crops_dir} "
+        "--config {params.config:q} --output {output} 2> {log}"
+
+
+rule report_index:
+    input:
+        per_plate="results/summary/per_plate.parquet",
+        per_sample="results/summary/per_sample.parquet",
+    output:
+        "results/summary/report.html",
+    log:
+        "results/logs/summary/report.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=mem_mb(1000),
+        runtime=10,
+    params:
+        plates=PLATES,
+    shell:
+        "python -m metascreen report-index --plates {params.plates} "
+        "--per-plate {input.per_plate} --per-sample {input.per_sample} --output {output} 2> {log}"
