@@ -17,7 +17,7 @@ from .conftest import ROOT
 BIN = Path(sys.executable).parent
 # Four pure wells per class (the minimum for a train/val/test split by well plus margin)
 # and three mixed samples.
-WELLS = ["A01", "A02", "B01", "B02", "A03", "A04", "B03", "B04", "C01", "C02", "C03", "C04", "D01", "D02"]
+WELLS = ["A01", "B05", "C03", "D04", "A04", "B02", "C01", "D05", "A06", "B03", "D02", "A05", "C02", "D06"]
 
 
 def snakemake(workdir: Path, *arguments: str) -> subprocess.CompletedProcess:
@@ -48,7 +48,6 @@ def finished_run(tmp_path_factory) -> Path:
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     config["plates"] = {"demo": {"images": "plate/images"}}
     config["platemap"] = "plate/platemap.csv"
-    config["train"]["epochs"] = 12
     config["aggregate"]["n_bootstrap"] = 200
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     result = snakemake(workdir)

@@ -35,8 +35,7 @@ def _cached_model(
     ``mtime_ns`` and ``size`` are part of the key so that a retrained model written to
     the same path is reloaded. A call whose shapes do not match raises and is not cached.
     """
-    return load_model(path, expected_crop_size=crop_size, expected_channels=channels,
-                      device=device)
+    return load_model(path, expected_crop_size=crop_size, expected_channels=channels, device=device)
 
 
 def classify_crops(
@@ -97,8 +96,12 @@ def classify_crops(
         raise FileNotFoundError(f"Model file {path} does not exist; train a model first.")
     stat = path.stat()
     model, metadata = _cached_model(
-        str(path), stat.st_mtime_ns, stat.st_size, str(torch_device),
-        int(crops.shape[2]), int(crops.shape[1]),
+        str(path),
+        stat.st_mtime_ns,
+        stat.st_size,
+        str(torch_device),
+        int(crops.shape[2]),
+        int(crops.shape[1]),
     )
     if crops.shape[0] == 0:
         return np.empty(0, dtype=np.float32)
@@ -121,8 +124,12 @@ def classify_crops(
         crops.name, str(path), stat.st_mtime_ns, stat.st_size, str(torch_device), batch_size
     )
     probability = da.map_blocks(
-        classify_block, crops, drop_axis=(1, 2, 3), dtype=np.float32,
-        meta=np.empty((0,), dtype=np.float32), name=name,
+        classify_block,
+        crops,
+        drop_axis=(1, 2, 3),
+        dtype=np.float32,
+        meta=np.empty((0,), dtype=np.float32),
+        name=name,
     )
     try:
         with dask.config.set(scheduler="threads", num_workers=num_workers):

@@ -57,9 +57,6 @@ class _ResidualBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        # Zero-initialised last BN: each block starts as the identity, which makes
-        # small residual nets train reliably from the first epoch.
-        #nn.init.zeros_(self.bn2.weight)
         if stride != 1 or in_channels != out_channels:
             self.shortcut: nn.Module = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
@@ -261,9 +258,9 @@ class ModelMetadata:
 
 
 def _json_safe(value: Any) -> Any:
-    """Recursively make ``value`` strict JSON: numpy scalars -> Python, NaN/inf -> None."""
-    if isinstance(value, np.generic):
-        value = value.item()
+    """Recursively make ``value`` strict JSON: numpy -> Python, NaN/inf -> None."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        value = value.tolist()
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -333,7 +330,9 @@ def save_model(path: str | Path, model: CellCNN, metadata: ModelMetadata) -> str
     """
     path = Path(path)
     if (model.in_channels, model.width, model.depth) != (
-        metadata.in_channels, metadata.width, metadata.depth
+        metadata.in_channels,
+        metadata.width,
+        metadata.depth,
     ):
         raise ValueError(
             f"Metadata (channels={metadata.in_channels}, width={metadata.width}, "
@@ -347,8 +346,9 @@ def save_model(path: str | Path, model: CellCNN, metadata: ModelMetadata) -> str
     sha256 = hashlib.sha256(weights).hexdigest()
     sidecar = {**meta_dict, "weights_file": path.name, "weights_sha256": sha256}
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path.with_suffix(".json"),
-                      (json.dumps(sidecar, indent=2, allow_nan=False) + "\n").encode())
+    _write_atomically(
+        path.with_suffix(".json"), (json.dumps(sidecar, indent=2, allow_nan=False) + "\n").encode()
+    )
     _write_atomically(path, weights)
     return sha256
 

@@ -1,0 +1,1 @@
+"""Benchmarks run by `make bench`: each prints a table and writes results/benchmarks/{name}.json."""

@@ -1,0 +1,263 @@
+"""Per-cell morphology tables and fixed-size, per-field-normalised cell crops.
+
+The morphology is what separates the two cell types by eye: the round low-potential
+cells against the elongated, polarised high-potential "missile" cells. Besides the
+standard region properties, two shape indices summarise elongation:
+
+* ``aspect_ratio = major_axis_length / minor_axis_length`` (>= 1), where the minor
+  axis is clipped to at least :data:`MIN_AXIS_LENGTH` px (a one-pixel-wide line has a
+  zero second-moment minor axis);
+* ``elongation = 1 - 1 / aspect_ratio`` = 1 - minor/major, the "missile index" in
+  [0, 1): 0 for a disc, 0.5 for a 2:1 ellipse, 0.75 for 4:1.
+
+All lengths are in pixels and angles in radians (skimage conventions: ``orientation``
+is the angle between the row axis and the major axis, in (-pi/2, pi/2]).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from numpy.polynomial.polynomial import polygrid2d, polyvander2d
+from scipy import ndimage as ndi
+from skimage.measure import regionprops_table
+
+__all__ = [
+    "COLUMNS",
+    "CONTRAST_SCALE",
+    "CROP_NORMALISATION",
+    "FEATURE_COLUMNS",
+    "MIN_AXIS_LENGTH",
+    "extract_crops",
+    "measure_cells",
+    "normalise_field",
+]
+
+#: Shape and intensity features of :func:`measure_cells`, in column order.
+FEATURE_COLUMNS: tuple[str, ...] = (
+    "area",
+    "perimeter",
+    "eccentricity",
+    "solidity",
+    "major_axis_length",
+    "minor_axis_length",
+    "aspect_ratio",
+    "elongation",
+    "orientation",
+    "intensity_mean",
+    "intensity_std",
+)
+
+#: All columns of :func:`measure_cells`, in order.
+COLUMNS: tuple[str, ...] = (
+    ("label",)
+    + FEATURE_COLUMNS
+    + ("centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x")
+    + ("touches_border",)
+)
+
+#: Smallest minor axis (px) used in ``aspect_ratio`` and ``elongation``.
+MIN_AXIS_LENGTH = 1.0
+
+#: Default relative contrast that :func:`normalise_field` maps to 1.
+CONTRAST_SCALE = 0.1
+
+#: How :func:`extract_crops` normalises (stored with trained models; must match at inference).
+CROP_NORMALISATION = (
+    "image: (raw / biquadratic background fitted to pixels > 6 px from cells - 1)"
+    f" / {CONTRAST_SCALE}, per field, crops padded with 0; mask: 1 on the cell, 0 elsewhere"
+)
+
+_DTYPES = {
+    **dict.fromkeys(COLUMNS, "float64"),
+    "label": "int64",
+    **dict.fromkeys(("bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"), "int64"),
+    "touches_border": "bool",
+}
+_PROPERTIES = (
+    "label",
+    "area",
+    "perimeter",
+    "eccentricity",
+    "solidity",
+    "axis_major_length",
+    "axis_minor_length",
+    "orientation",
+    "intensity_mean",
+    "intensity_std",
+    "centroid",
+    "bbox",
+)
+_RENAME = {
+    "axis_major_length": "major_axis_length",
+    "axis_minor_length": "minor_axis_length",
+    "centroid-0": "centroid_y",
+    "centroid-1": "centroid_x",
+    "bbox-0": "bbox_min_y",
+    "bbox-1": "bbox_min_x",
+    "bbox-2": "bbox_max_y",
+    "bbox-3": "bbox_max_x",
+}
+_BACKGROUND_MARGIN = 6.0  # px kept clear of cells (their halo) when fitting the background
+_BACKGROUND_STEP = 4  # fit the background on every 4th pixel: ample for a quadratic
+_MIN_BACKGROUND_PIXELS = 64
+
+
+def _check_pair(labels: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels, image = np.asarray(labels), np.asarray(image)
+    if labels.ndim != 2 or labels.shape != image.shape:
+        raise ValueError(
+            f"labels and image must be 2-D of one shape, got {labels.shape} and {image.shape}"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ValueError("labels must be >= 0")
+    return labels, image
+
+
+def measure_cells(labels: np.ndarray, image: np.ndarray) -> pd.DataFrame:
+    """Morphology and intensity of every labelled cell.
+
+    Parameters
+    ----------
+    labels : (Y, X) integer array
+        Instance labels, 0 = background.
+    image : (Y, X) real array
+        Intensities (raw counts) for ``intensity_mean`` / ``intensity_std``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per label, sorted by label, columns :data:`COLUMNS`. Values are
+        :func:`skimage.measure.regionprops` ones (``axis_major_length`` ->
+        ``major_axis_length``, ``centroid`` -> ``centroid_y/x``, ``bbox`` ->
+        ``bbox_min_y, bbox_min_x, bbox_max_y, bbox_max_x``, max exclusive), plus
+        ``aspect_ratio`` and ``elongation`` (module docstring) and ``touches_border``
+        (the cell has a pixel on the image edge). No labels give an empty frame with
+        the same columns and dtypes.
+    """
+    labels, image = _check_pair(labels, image)
+    table = pd.DataFrame(
+        regionprops_table(labels, intensity_image=image, properties=_PROPERTIES)
+    ).rename(columns=_RENAME)
+    minor = np.maximum(table["minor_axis_length"], MIN_AXIS_LENGTH)
+    aspect = np.maximum(table["major_axis_length"], minor) / minor
+    touches = (
+        (table["bbox_min_y"] == 0)
+        | (table["bbox_min_x"] == 0)
+        | (table["bbox_max_y"] == labels.shape[0])
+        | (table["bbox_max_x"] == labels.shape[1])
+    )
+    table = table.assign(aspect_ratio=aspect, elongation=1.0 - 1.0 / aspect, touches_border=touches)
+    return table.loc[:, list(COLUMNS)].astype(_DTYPES).sort_values("label", ignore_index=True)
+
+
+def normalise_field(
+    image: np.ndarray, labels: np.ndarray, *, contrast_scale: float = CONTRAST_SCALE
+) -> np.ndarray:
+    """Flat-field a field and scale it so background is ~0 and cell contrast ~1.
+
+    The background surface is a least-squares biquadratic polynomial in (row, col)
+    (terms ``row**i * col**j``, i, j <= 2) fitted to the
+    pixels farther than 6 px from any labelled cell (so cells and their halos do not
+    bias it), sampled every 4th row and column; it captures vignetting and illumination
+    tilts. With fewer than 64 such pixels the surface is the field's median. Then::
+
+        normalised = (image / surface - 1) / contrast_scale
+
+    Parameters
+    ----------
+    image : (Y, X) real array
+        Raw intensities.
+    labels : (Y, X) integer array
+        Instance labels, 0 = background.
+    contrast_scale : float
+        Relative contrast mapped to 1; the default 0.1 maps a cell 10 % darker than the
+        background to -1. A fixed value, so a field's normalisation does not depend on
+        which cells it holds.
+
+    Returns
+    -------
+    (Y, X) float32
+        Normalised image; 0 where the surface is not positive.
+    """
+    labels, image = _check_pair(labels, image)
+    if contrast_scale <= 0:
+        raise ValueError(f"contrast_scale must be > 0, got {contrast_scale!r}")
+    image = image.astype(np.float64)
+    far = ndi.distance_transform_edt(labels == 0) > _BACKGROUND_MARGIN
+    sampled = np.zeros_like(far)
+    sampled[:: _BACKGROUND_STEP, :: _BACKGROUND_STEP] = True
+    rows, cols = np.nonzero(far & sampled)
+    if rows.size < _MIN_BACKGROUND_PIXELS:
+        surface = np.full(image.shape, np.median(image))
+    else:
+        # coordinates scaled to [-1, 1] keep the least-squares problem well conditioned
+        r = np.linspace(-1.0, 1.0, image.shape[0])
+        c = np.linspace(-1.0, 1.0, image.shape[1])
+        design = polyvander2d(r[rows], c[cols], (2, 2))
+        coef = np.linalg.lstsq(design, image[rows, cols], rcond=None)[0]
+        surface = polygrid2d(r, c, coef.reshape(3, 3))
+    relative = np.divide(image, surface, out=np.ones_like(image), where=surface > 0) - 1.0
+    return (relative / contrast_scale).astype(np.float32)
+
+
+def extract_crops(
+    image: np.ndarray,
+    labels: np.ndarray,
+    table: pd.DataFrame,
+    *,
+    size: int = 64,
+    with_mask: bool = True,
+    contrast_scale: float = CONTRAST_SCALE,
+) -> np.ndarray:
+    """Fixed-size crops centred on each cell, for a classifier.
+
+    Parameters
+    ----------
+    image : (Y, X) real array
+        Raw intensities of the field.
+    labels : (Y, X) integer array
+        Instance labels of the field, 0 = background.
+    table : pandas.DataFrame
+        One row per crop with columns ``label``, ``centroid_y``, ``centroid_x`` (e.g.
+        from :func:`measure_cells`); crops follow its row order.
+    size : int
+        Crop side (px). The pixel nearest the centroid (``floor(centroid + 0.5)``) lands
+        at index ``size // 2`` in both axes. Cells larger than the crop are cut, not
+        resized.
+    with_mask : bool
+        Add the cell's own mask as channel 1.
+    contrast_scale : float
+        Passed to :func:`normalise_field`.
+
+    Returns
+    -------
+    crops : (N, C, size, size) float32
+        ``C = 2`` with the mask, else 1. Channel 0: :func:`normalise_field` of the whole
+        field (background ~0, cell contrast ~1), padded beyond the image with the
+        constant 0 (the normalised background level). Channel 1: 1.0 on this cell's
+        pixels, 0.0 elsewhere (other cells and padding included).
+    """
+    labels, image = _check_pair(labels, image)
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size!r}")
+    missing = {"label", "centroid_y", "centroid_x"} - set(table.columns)
+    if missing:
+        raise ValueError(f"table is missing columns {sorted(missing)}")
+    n_channels = 2 if with_mask else 1
+    if table.empty:
+        return np.zeros((0, n_channels, size, size), np.float32)
+
+    # pad by a whole crop so that any centroid inside the image has a full window
+    normalised = np.pad(normalise_field(image, labels, contrast_scale=contrast_scale), size)
+    offsets = np.arange(size) - size // 2 + size
+    rows = np.floor(table["centroid_y"].to_numpy() + 0.5).astype(int)[:, None] + offsets
+    cols = np.floor(table["centroid_x"].to_numpy() + 0.5).astype(int)[:, None] + offsets
+    window = (rows[:, :, None], cols[:, None, :])
+    channels = [normalised[window]]
+    if with_mask:
+        own = np.pad(labels, size)[window] == table["label"].to_numpy()[:, None, None]
+        channels.append(own.astype(np.float32))
+    return np.stack(channels, axis=1)
