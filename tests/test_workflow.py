@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,12 +85,35 @@ def test_outputs_follow_the_contract(finished_run):
     assert "<img" in html and "http://" not in html
 
 
+def planned_jobs(workdir: Path) -> dict[str, int]:
+    """Jobs per rule that a dry run would execute (Snakemake's job-count table)."""
+    result = snakemake(workdir, "--dry-run", "--quiet", "rules")
+    counts = {}
+    for line in (result.stdout + result.stderr).splitlines():
+        words = line.split()
+        if len(words) == 2 and words[1].isdigit() and words[0] != "total":
+            counts[words[0]] = int(words[1])
+    return counts
+
+
 @pytest.mark.slow
 def test_rerun_redoes_only_the_unfinished_well(finished_run):
-    assert "Nothing to be done" in snakemake(finished_run, "--dry-run").stdout
-    # A well whose segmentation never finished: its manifest is missing.
-    (finished_run / "results" / "demo" / "segment" / "C02.json").unlink()
-    plan = snakemake(finished_run, "--dry-run", "--quiet", "rules").stdout
-    counts = {line.split()[0]: int(line.split()[1]) for line in plan.splitlines() if line[:1].isalpha() and line.split()[-1].isdigit() and len(line.split()) == 2}
-    assert counts.get("segment_well") == 1 and counts.get("measure_well") == 1 and counts.get("classify_well") == 1
-    assert "ingest_well" not in counts and "train" not in counts
+    assert planned_jobs(finished_run) == {}
+    # A run interrupted while segmenting well C02: no manifest for it, nothing downstream
+    # of it, and no plate-level tables or reports yet.
+    results = finished_run / "results"
+    for path in ("segment/C02.json", "measure/C02.parquet", "classify/C02.parquet", "demo_cells.parquet", "report.html"):
+        (results / "demo" / path).unlink()
+    shutil.rmtree(results / "demo" / "crops" / "C02.zarr")
+    shutil.rmtree(results / "summary")
+    counts = planned_jobs(finished_run)
+    assert counts == {
+        "segment_well": 1,
+        "measure_well": 1,
+        "classify_well": 1,
+        "collect_plate": 1,
+        "summarize": 1,
+        "report_plate": 1,
+        "report_index": 1,
+        "all": 1,
+    }
