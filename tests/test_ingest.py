@@ -12,7 +12,7 @@ import zarr
 from ome_zarr_models.v05.hcs import HCS
 from ome_zarr_models.v05.image import Image
 
-from metascreen import discover, ngff, stages
+from metascreen import discover, ngff, stages, synth
 
 INGEST = {
     "preset": "imagexpress",
@@ -144,3 +144,16 @@ def test_transfluor_plate_ingests_with_config_only(tmp_path, shared_data):
     original = tifffile.imread(folder / "AS_09047_050428030001_O07f02d2.TIF")
     np.testing.assert_array_equal(ngff.field_image(plate, "O07", 2)[0, 0, 0].compute(), original)
     HCS.from_zarr(zarr.open_group(str(plate), mode="r"))
+
+
+def test_synthetic_z_and_channel_stacks_ingest(tmp_path):
+    layout = synth.demo_layout().head(2)
+    synth.write_plate(tmp_path / "plate", layout=layout, fields_per_well=1, shape=(96, 96), cells_per_field=(2, 3), z_planes=3, channels=2)
+    plate = tmp_path / "demo.ome.zarr"
+    stages.plan("demo", tmp_path / "plate" / "images", layout, INGEST, tmp_path / "plan.json", plate)
+    well = layout["well"].iloc[0]
+    stages.ingest_well(tmp_path / "plan.json", plate, well, INGEST, tmp_path / "w.json")
+    stored = ngff.field_image(plate, well, 0)
+    assert stored.shape == (1, 2, 3, 96, 96)
+    original = tifffile.imread(tmp_path / "plate" / "images" / f"demo_{well}_s1_w2.TIF")
+    np.testing.assert_array_equal(stored[0, 1].compute(), original)

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
 import math
 import numbers
 import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,8 @@ import safetensors
 import safetensors.torch
 import torch
 from torch import nn
+
+from metascreen.versions import package_versions
 
 __all__ = [
     "CellCNN",
@@ -135,20 +135,8 @@ class CellCNN(nn.Module):
 
 
 def runtime_versions() -> dict[str, str]:
-    """Versions of Python and the packages that define a trained model's behaviour.
-
-    Returns
-    -------
-    dict[str, str]
-        Package name -> version string.
-    """
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("numpy", "safetensors", "metascreen"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
+    """Versions of Python and the packages that define a trained model's behaviour."""
+    return package_versions(("torch", "numpy", "safetensors", "metascreen"))
 
 
 @dataclass

@@ -11,10 +11,8 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import shutil
 from collections.abc import Iterator, Sequence
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import pandas as pd
 import zarr
 
 from metascreen import __version__, aggregate, discover, measure, ngff
+from metascreen.versions import package_versions
 from metascreen import segment as segmentation
 
 log = logging.getLogger("metascreen")
@@ -98,15 +97,6 @@ def _json_default(value: Any) -> Any:
 def read_json(path: str | Path) -> Any:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that shape the results, plus Python's."""
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        with contextlib.suppress(importlib_metadata.PackageNotFoundError):
-            versions[name] = importlib_metadata.version(name)
-    return versions
 
 
 # ---------------------------------------------------------------- plan and ingest
@@ -238,7 +228,7 @@ def measure_well(
     cells.insert(0, "well", well)
     cells.insert(0, "plate", plate)
     cells["crop_index"] = np.arange(len(cells), dtype=np.int64)
-    stacked = np.concatenate(crops) if crops else np.zeros((0, 1, 1, 1), np.float32)
+    stacked = np.concatenate(crops)
 
     with atomic_path(crops_path) as partial:
         array = zarr.create_array(
@@ -360,7 +350,7 @@ def train(
         training_wells=sorted(wells["well_key"]),
         training_data_sha256=training.dataset_sha256(train_x, train_y, val_x, val_y),
         metrics={key: metrics[key] for key in ("accuracy", "balanced_accuracy", "roc_auc", "ece")},
-        package_versions=package_versions(),
+        package_versions=package_versions(PACKAGES),
         seed=settings["seed"],
     )
     sha256 = model.save_model(model_path, network, metadata)
@@ -414,8 +404,12 @@ def classify_well(
     threads: int = 1,
 ) -> None:
     """Calibrated probability and predicted class of every cell of a well."""
+    import torch
+
     from metascreen import inference, model
 
+    # inference splits these threads between its Dask workers
+    torch.set_num_threads(threads)
     cells = pd.read_parquet(table_path, columns=["plate", "well", "field", "label"])
     crops = da.from_zarr(zarr.open_array(str(crops_path), mode="r"))
     _, metadata = model.load_model(model_path)
@@ -518,7 +512,7 @@ def report_plate(
         "metascreen": __version__,
         "model_sha256": model.file_sha256(model_path),
         "input_files": read_json(plan_path)["n_files"],
-        "package_versions": package_versions(),
+        "package_versions": package_versions(PACKAGES),
         "config": config,
     }
     html = report.render_plate_report(
