@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import tifffile
-
 from metascreen import stages, synth
 
 WELLS = 8
@@ -54,7 +53,9 @@ def run(workdir: Path) -> dict:
     start = time.perf_counter()
     stages.plan("bench", workdir / "tiffs", platemap, SETTINGS, workdir / "plan.json", plate)
     for well in wells:
-        stages.ingest_well(workdir / "plan.json", plate, well, SETTINGS, workdir / f"{well}.json", threads=THREADS)
+        stages.ingest_well(
+            workdir / "plan.json", plate, well, SETTINGS, workdir / f"{well}.json", threads=THREADS
+        )
     ingest_seconds = time.perf_counter() - start
 
     return {

@@ -21,7 +21,6 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-
 from metascreen.aggregate import (
     PER_PLATE_COLUMNS,
     PER_SAMPLE_COLUMNS,
@@ -80,9 +79,7 @@ def _well_cells(plate: str, well: str, probability, elongation, area) -> pd.Data
 def cells() -> pd.DataFrame:
     return pd.concat(
         [
-            _well_cells(
-                "P1", "A01", [0.9] * 8 + [0.1] * 2, [0.2] * 5 + [0.4] * 5, [100] * 5 + [300] * 5
-            ),
+            _well_cells("P1", "A01", [0.9] * 8 + [0.1] * 2, [0.2] * 5 + [0.4] * 5, [100] * 5 + [300] * 5),
             _well_cells("P1", "A02", [0.8, 0.2, 0.2, 0.4], [0.1, 0.2, 0.3, 0.4], [50, 60, 70, 80]),
             _well_cells("P2", "A01", [0.7, 0.6, 0.3, 0.2, 0.1], [0.5] * 5, [10, 20, 30, 40, 50]),
             _well_cells("P2", "A02", [0.5, 0.95], [0.6, 0.8], [400, 600]),
@@ -131,7 +128,7 @@ def test_wilson_rejects_invalid_input(successes, trials, confidence):
 def test_per_well_counts_fractions_and_statistics(cells, platemap):
     table = per_well_summary(cells, platemap, min_cells=3)
     assert list(table.columns) == PER_WELL_COLUMNS
-    assert list(zip(table["plate"], table["well"])) == [
+    assert list(zip(table["plate"], table["well"], strict=True)) == [
         ("P1", "A01"),
         ("P1", "A02"),
         ("P1", "B01"),
@@ -350,9 +347,7 @@ def _many_wells(sample: str, n_wells: int, seed: int) -> tuple[pd.DataFrame, pd.
     rng = np.random.default_rng(seed)
     wells = [f"B{column:02d}" for column in range(1, n_wells + 1)]
     frames = [
-        _well_cells(
-            "P9", well, rng.uniform(0, 1, size=40) ** rng.uniform(0.3, 3), [0.5] * 40, [100] * 40
-        )
+        _well_cells("P9", well, rng.uniform(0, 1, size=40) ** rng.uniform(0.3, 3), [0.5] * 40, [100] * 40)
         for well in wells
     ]
     platemap = pd.DataFrame(
@@ -381,9 +376,7 @@ def test_per_sample_bootstrap_is_deterministic_and_covers_the_estimate():
         other.iloc[0]["well_ci_high"],
     )
     # Well-to-well spread here exceeds binomial noise, so the bootstrap is wider than Wilson.
-    assert (
-        row["well_ci_high"] - row["well_ci_low"] > row["fraction_ci_high"] - row["fraction_ci_low"]
-    )
+    assert row["well_ci_high"] - row["well_ci_low"] > row["fraction_ci_high"] - row["fraction_ci_low"]
 
 
 def test_per_sample_bootstrap_does_not_depend_on_other_samples():
@@ -427,6 +420,4 @@ def test_per_plate_without_cells(cells, platemap):
     table = per_plate_summary(cells[cells["plate"] == "P1"], platemap)
     assert table["n_cells"].tolist() == [14, 0]
     assert table["n_wells_with_cells"].tolist() == [2, 0]
-    assert np.isnan(table.loc[1, "fraction_positive"]) and np.isnan(
-        table.loc[1, "mean_probability"]
-    )
+    assert np.isnan(table.loc[1, "fraction_positive"]) and np.isnan(table.loc[1, "mean_probability"])

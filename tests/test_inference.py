@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
 from metascreen import inference
 from metascreen.model import CellCNN, ModelMetadata, load_model, save_model
 from metascreen.training import calibrated_probability, predict_logits
@@ -99,9 +98,7 @@ def test_uneven_chunks_match_plain_forward_and_load_once(model_path, crops, load
 
 def test_reads_zarr_lazily_like_the_pipeline(tmp_path, model_path, crops) -> None:
     store = tmp_path / "crops.zarr"
-    array = zarr.create_array(
-        store=str(store), shape=crops.shape, chunks=(16, 2, 32, 32), dtype="float32"
-    )
+    array = zarr.create_array(store=str(store), shape=crops.shape, chunks=(16, 2, 32, 32), dtype="float32")
     array[:] = crops
     lazy = da.from_zarr(str(store))
     assert lazy.chunks[0] == (16, 16, 16, 2)

@@ -9,10 +9,9 @@ import pandas as pd
 import pytest
 import tifffile
 import zarr
+from metascreen import discover, ngff, stages, synth
 from ome_zarr_models.v05.hcs import HCS
 from ome_zarr_models.v05.image import Image
-
-from metascreen import discover, ngff, stages, synth
 
 INGEST = {
     "preset": "imagexpress",
@@ -53,7 +52,9 @@ def test_presets_parse_vendor_names(name, preset, expected):
 def test_user_regex_needs_named_groups():
     with pytest.raises(discover.DiscoveryError, match="named groups"):
         discover.naming_pattern("regex", r"(?P<well>\w+)\.tif")
-    pattern = discover.naming_pattern("regex", r"r(?P<row>\d+)c(?P<col>\d+)f(?P<field>\d+)-ch(?P<channel>\d+)\.tiff")
+    pattern = discover.naming_pattern(
+        "regex", r"r(?P<row>\d+)c(?P<col>\d+)f(?P<field>\d+)-ch(?P<channel>\d+)\.tiff"
+    )
     files, _ = discover.discover_files(_touch(pattern, "r02c03f01-ch1.tiff"), pattern)
     assert files["well"].tolist() == ["B03"]
 
@@ -148,7 +149,15 @@ def test_transfluor_plate_ingests_with_config_only(tmp_path, shared_data):
 
 def test_synthetic_z_and_channel_stacks_ingest(tmp_path):
     layout = synth.demo_layout().head(2)
-    synth.write_plate(tmp_path / "plate", layout=layout, fields_per_well=1, shape=(96, 96), cells_per_field=(2, 3), z_planes=3, channels=2)
+    synth.write_plate(
+        tmp_path / "plate",
+        layout=layout,
+        fields_per_well=1,
+        shape=(96, 96),
+        cells_per_field=(2, 3),
+        z_planes=3,
+        channels=2,
+    )
     plate = tmp_path / "demo.ome.zarr"
     stages.plan("demo", tmp_path / "plate" / "images", layout, INGEST, tmp_path / "plan.json", plate)
     well = layout["well"].iloc[0]

@@ -5,9 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from skimage.draw import disk, ellipse
-from skimage.measure import regionprops
-
 from metascreen.measure import (
     COLUMNS,
     FEATURE_COLUMNS,
@@ -15,6 +12,8 @@ from metascreen.measure import (
     measure_cells,
     normalise_field,
 )
+from skimage.draw import disk, ellipse
+from skimage.measure import regionprops
 
 # our column -> regionprops attribute
 REGIONPROPS = {
@@ -135,7 +134,9 @@ def test_normalise_field_flattens_the_background():
     assert normalised.dtype == np.float32
     np.testing.assert_allclose(normalised[labels == 0], 0.0, atol=1e-4)
     np.testing.assert_allclose(normalised[labels > 0], -2.0, atol=1e-4)  # -20 % / 0.1
-    np.testing.assert_allclose(normalise_field(image, labels, contrast_scale=0.2)[labels > 0], -1.0, atol=1e-4)
+    np.testing.assert_allclose(
+        normalise_field(image, labels, contrast_scale=0.2)[labels > 0], -1.0, atol=1e-4
+    )
 
 
 def test_crops_are_centred_with_the_own_mask():

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-
 from metascreen import model as model_module
 from metascreen.model import (
     CellCNN,
@@ -63,9 +62,7 @@ def trained_like_model() -> CellCNN:
     return net.eval()
 
 
-@pytest.mark.parametrize(
-    ("channels", "size", "depth"), [(1, 16, 3), (2, 24, 3), (2, 64, 2), (1, 33, 4)]
-)
+@pytest.mark.parametrize(("channels", "size", "depth"), [(1, 16, 3), (2, 24, 3), (2, 64, 2), (1, 33, 4)])
 def test_forward_gives_one_logit_per_crop(channels: int, size: int, depth: int) -> None:
     net = CellCNN(channels, width=4, depth=depth).eval()
     out = net(torch.randn(5, channels, size, size))
@@ -175,26 +172,20 @@ def test_load_missing_file_is_clear(tmp_path) -> None:
 def test_load_checks_crop_size_and_channels(tmp_path, trained_like_model: CellCNN) -> None:
     path = tmp_path / "m.safetensors"
     save_model(path, trained_like_model, _metadata())
-    with pytest.raises(
-        ValueError, match=r"Crop size mismatch: the data has 48x48.*trained on 32x32"
-    ):
+    with pytest.raises(ValueError, match=r"Crop size mismatch: the data has 48x48.*trained on 32x32"):
         load_model(path, expected_crop_size=48)
     with pytest.raises(ValueError, match=r"Channel mismatch: the data has 1 channel.*expects 2"):
         load_model(path, expected_channels=1)
 
 
-def test_save_refuses_metadata_of_another_architecture(
-    tmp_path, trained_like_model: CellCNN
-) -> None:
+def test_save_refuses_metadata_of_another_architecture(tmp_path, trained_like_model: CellCNN) -> None:
     with pytest.raises(ValueError, match="does not describe the model"):
         save_model(tmp_path / "m.safetensors", trained_like_model, _metadata(width=8))
     with pytest.raises(ValueError, match="does not describe the model"):
         save_model(tmp_path / "m.safetensors", trained_like_model, _metadata(channels=["image"]))
 
 
-def test_failed_save_leaves_previous_file_intact(
-    tmp_path, trained_like_model: CellCNN, monkeypatch
-) -> None:
+def test_failed_save_leaves_previous_file_intact(tmp_path, trained_like_model: CellCNN, monkeypatch) -> None:
     path = tmp_path / "m.safetensors"
     first = save_model(path, trained_like_model, _metadata())
     real_replace = model_module.os.replace

@@ -60,3 +60,10 @@ def test_snakemake_lint_clean():
     result = _run([str(BIN / "snakemake"), "--lint", "--cores", "1"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Lints for" not in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_python_code_is_ruff_clean():
+    paths = ["workflow/metascreen", "benchmarks", "tests"]
+    for command in (["check", *paths], ["format", "--check", *paths]):
+        result = _run([str(BIN / "ruff"), *command])
+        assert result.returncode == 0, result.stdout + result.stderr

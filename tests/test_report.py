@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
-
 from metascreen.aggregate import per_plate_summary, per_sample_summary, per_well_summary
 from metascreen.report import (
     figure_to_data_uri,
@@ -288,9 +287,7 @@ def test_empty_evaluation_and_gallery(tables):
 
 
 def test_confusion_matrix_as_counts_mapping(tables):
-    page = _render(
-        tables, evaluation={"confusion_matrix": {"tn": 5, "fp": 1, "fn": 2, "tp": 8}}, gallery={}
-    )
+    page = _render(tables, evaluation={"confusion_matrix": {"tn": 5, "fp": 1, "fn": 2, "tp": 8}}, gallery={})
     rows = parse(page).rows
     assert ["true low_potential", "5", "1"] in rows
     assert ["true high_potential", "2", "8"] in rows
@@ -396,6 +393,4 @@ def test_reliability_as_per_bin_lists(tables):
 
 def test_reliability_without_required_key_is_rejected(tables):
     with pytest.raises(ValueError, match="count"):
-        _render(
-            tables, evaluation={"reliability": [{"confidence": 0.6, "accuracy": 0.5}]}, gallery={}
-        )
+        _render(tables, evaluation={"reliability": [{"confidence": 0.6, "accuracy": 0.5}]}, gallery={})

@@ -10,10 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from scipy import ndimage as ndi
-
 from metascreen.measure import measure_cells
 from metascreen.synth import LAYOUT_COLUMNS, demo_layout, render_field, write_plate
+from scipy import ndimage as ndi
 
 SMALL = {"shape": (192, 192), "cells_per_field": (4, 8), "fields_per_well": 2}
 
@@ -161,14 +160,24 @@ def test_demo_layout():
     assert (layout["plate"] == "demo").all() and (layout["condition"] == "untreated").all()
     counts = layout["sample"].value_counts().to_dict()
     assert counts == {
-        "ctrl_low": 4, "ctrl_high": 4, "mix50": 4, "mix10": 3, "mix25": 3, "mix75": 3, "mix90": 3,
+        "ctrl_low": 4,
+        "ctrl_high": 4,
+        "mix50": 4,
+        "mix10": 3,
+        "mix25": 3,
+        "mix75": 3,
+        "mix90": 3,
     }
     per_sample = layout.drop_duplicates("sample").set_index("sample")
     assert per_sample.loc["ctrl_low", ["cell_line", "train_class", "nominal_fraction"]].tolist() == [
-        "LoMet", "low_potential", 0.0,
+        "LoMet",
+        "low_potential",
+        0.0,
     ]
     assert per_sample.loc["ctrl_high", ["cell_line", "train_class", "nominal_fraction"]].tolist() == [
-        "HiMet", "high_potential", 1.0,
+        "HiMet",
+        "high_potential",
+        1.0,
     ]
     mixes = per_sample.loc[["mix10", "mix25", "mix50", "mix75", "mix90"]]
     np.testing.assert_allclose(mixes["nominal_fraction"], [0.1, 0.25, 0.5, 0.75, 0.9])
@@ -198,7 +207,15 @@ def test_write_plate_file_names(plate: Path):
 def test_write_plate_truth_tables_match_masks(plate: Path):
     cells = pd.read_csv(plate / "truth" / "cells.csv")
     assert list(cells.columns) == [
-        "plate", "well", "field", "label", "cell_type", "is_positive", "area", "centroid_y", "centroid_x",
+        "plate",
+        "well",
+        "field",
+        "label",
+        "cell_type",
+        "is_positive",
+        "area",
+        "centroid_y",
+        "centroid_x",
     ]
     for (well, field), group in cells.groupby(["well", "field"]):
         mask = tifffile.imread(plate / "truth" / "masks" / f"demo_{well}_s{field + 1}.tif")
@@ -212,7 +229,14 @@ def test_write_plate_truth_tables_match_masks(plate: Path):
     assert by_well["A01"] == 0.0 and by_well["A04"] == 1.0 and 0.0 < by_well["A03"] < 1.0
 
     per_well = pd.read_csv(plate / "truth" / "per_well.csv", keep_default_na=False)
-    assert list(per_well.columns) == ["plate", "well", "sample", "n_cells", "fraction_positive", "nominal_fraction"]
+    assert list(per_well.columns) == [
+        "plate",
+        "well",
+        "sample",
+        "n_cells",
+        "fraction_positive",
+        "nominal_fraction",
+    ]
     per_well = per_well.set_index("well")
     np.testing.assert_array_equal(per_well.loc[by_well.index, "n_cells"], cells.groupby("well").size())
     np.testing.assert_allclose(per_well.loc[by_well.index, "fraction_positive"], by_well)

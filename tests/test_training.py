@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from metascreen.model import CellCNN
 from metascreen.training import (
     TEMPERATURE_BOUNDS,
@@ -126,9 +125,7 @@ def test_cnn_learns_toy_cells(toy: dict, trained: dict) -> None:
 
 def test_history_and_progress(trained: dict) -> None:
     history, calls = trained["history"], trained["calls"]
-    assert (
-        len(history["train_loss"]) == len(history["val_loss"]) == len(history["val_accuracy"]) == 8
-    )
+    assert len(history["train_loss"]) == len(history["val_loss"]) == len(history["val_accuracy"]) == 8
     assert history["best_epoch"] == int(np.argmin(history["val_loss"])) + 1
     assert history["best_val_loss"] == min(history["val_loss"])
     assert history["device"] == "cpu" and history["mixed_precision"] is None
@@ -158,9 +155,7 @@ def test_checkpoint_is_best_validation_epoch_not_last(toy: dict) -> None:
     # Validation labels are inverted: the better the model learns the task, the worse
     # its validation loss, so the best checkpoint is an early epoch.
     val_x, val_y = toy["val_x"], 1 - toy["val_y"]
-    model, history = train_classifier(
-        toy["train_x"], toy["train_y"], val_x, val_y, epochs=6, seed=0, **FAST
-    )
+    model, history = train_classifier(toy["train_x"], toy["train_y"], val_x, val_y, epochs=6, seed=0, **FAST)
     best = history["best_epoch"]
     assert best == int(np.argmin(history["val_loss"])) + 1
     assert best < 6 and history["val_loss"][-1] > history["val_loss"][best - 1] + 0.1
@@ -196,9 +191,7 @@ def test_predict_logits_batching_mode_and_empty(toy: dict) -> None:
     for key, value in model.state_dict().items():  # BN statistics not updated
         assert torch.equal(value, state[key]), key
     with torch.no_grad():
-        np.testing.assert_allclose(
-            full, model.eval()(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6
-        )
+        np.testing.assert_allclose(full, model.eval()(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6)
     assert predict_logits(model, x[:0]).shape == (0,)
 
 
@@ -265,7 +258,7 @@ def test_augment_keeps_geometry_consistent_across_channels(toy: dict) -> None:
     # Area changes only through the 0.9-1.1 scale jitter (area factor 0.81-1.21).
     ratio = mask.sum(dim=(1, 2)) / batch[:, 1].sum(dim=(1, 2))
     assert ratio.min() > 0.7 and ratio.max() < 1.35
-    for image, m in zip(out[:, 0], mask):
+    for image, m in zip(out[:, 0], mask, strict=True):
         corr = torch.corrcoef(torch.stack([image.flatten(), m.flatten()]))[0, 1]
         assert corr > 0.9
     # Geometry really changes (flips / rotations), the input is not modified.
@@ -308,9 +301,7 @@ def test_temperature_scaling_fixes_overconfident_logits() -> None:
 
 def test_temperature_on_separable_data_hits_lower_bound() -> None:
     logits = np.array([-2.0, -1.0, 1.0, 2.0])
-    assert fit_temperature(logits, np.array([0, 0, 1, 1])) == pytest.approx(
-        TEMPERATURE_BOUNDS[0], rel=1e-3
-    )
+    assert fit_temperature(logits, np.array([0, 0, 1, 1])) == pytest.approx(TEMPERATURE_BOUNDS[0], rel=1e-3)
     with pytest.raises(ValueError, match="both classes"):
         fit_temperature(logits, np.ones(4, dtype=int))
 
@@ -343,9 +334,7 @@ def test_metrics_against_hand_computed_values() -> None:
     assert m["ece"] == pytest.approx(3 / 5 * abs(0.65 - 1 / 3) + 2 / 5 * abs(0.85 - 1.0))
     rel = m["reliability"]
     assert rel["count"] == [0, 0, 0, 0, 0, 0, 3, 0, 2, 0]
-    assert rel["confidence"][6] == pytest.approx(0.65) and rel["accuracy"][6] == pytest.approx(
-        1 / 3
-    )
+    assert rel["confidence"][6] == pytest.approx(0.65) and rel["accuracy"][6] == pytest.approx(1 / 3)
     assert rel["bin_lower"][6] == pytest.approx(0.6) and rel["bin_upper"][6] == pytest.approx(0.7)
     assert math.isnan(rel["accuracy"][0])
     assert m["n"] == 5

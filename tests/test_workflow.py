@@ -42,7 +42,17 @@ def snakemake(workdir: Path, *arguments: str) -> subprocess.CompletedProcess:
 def finished_run(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("e2e")
     subprocess.run(
-        [str(BIN / "metascreen"), "synth", str(workdir / "plate"), "--seed", "7", "--fields-per-well", "2", "--wells", *WELLS],
+        [
+            str(BIN / "metascreen"),
+            "synth",
+            str(workdir / "plate"),
+            "--seed",
+            "7",
+            "--fields-per-well",
+            "2",
+            "--wells",
+            *WELLS,
+        ],
         check=True,
         capture_output=True,
     )
@@ -102,7 +112,13 @@ def test_rerun_redoes_only_the_unfinished_well(finished_run):
     # A run interrupted while segmenting well C02: no manifest for it, nothing downstream
     # of it, and no plate-level tables or reports yet.
     results = finished_run / "results"
-    for path in ("segment/C02.json", "measure/C02.parquet", "classify/C02.parquet", "demo_cells.parquet", "report.html"):
+    for path in (
+        "segment/C02.json",
+        "measure/C02.parquet",
+        "classify/C02.parquet",
+        "demo_cells.parquet",
+        "report.html",
+    ):
         (results / "demo" / path).unlink()
     shutil.rmtree(results / "demo" / "crops" / "C02.zarr")
     shutil.rmtree(results / "summary")

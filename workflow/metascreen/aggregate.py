@@ -119,9 +119,7 @@ def wilson_interval(
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    k, n = np.broadcast_arrays(
-        np.asarray(successes, dtype=np.float64), np.asarray(trials, dtype=np.float64)
-    )
+    k, n = np.broadcast_arrays(np.asarray(successes, dtype=np.float64), np.asarray(trials, dtype=np.float64))
     if np.any(k < 0) or np.any(n < 0):
         raise ValueError("successes and trials must be non-negative counts")
     if np.any(k > n):
@@ -139,9 +137,7 @@ def wilson_interval(
     return low, high
 
 
-def per_well_summary(
-    cells: pd.DataFrame, platemap: pd.DataFrame, *, min_cells: int = 20
-) -> pd.DataFrame:
+def per_well_summary(cells: pd.DataFrame, platemap: pd.DataFrame, *, min_cells: int = 20) -> pd.DataFrame:
     """Summarise the cells of every plate-map well.
 
     Parameters
@@ -344,8 +340,7 @@ def _validated_cells(cells: pd.DataFrame, platemap: pd.DataFrame) -> pd.DataFram
     for column in ("probability", "is_positive"):
         if table[column].isna().any():
             raise ValueError(
-                f"the per-cell table has missing values in '{column}'; "
-                "classify every cell before aggregating"
+                f"the per-cell table has missing values in '{column}'; classify every cell before aggregating"
             )
     table["probability"] = table["probability"].astype(np.float64)
     if ((table["probability"] < 0.0) | (table["probability"] > 1.0)).any():
@@ -387,9 +382,7 @@ def _well_table(cells: pd.DataFrame, platemap: pd.DataFrame, min_cells: int) -> 
     table = platemap.merge(_cell_stats(cells, _KEYS), on=_KEYS, how="left")
     table = _with_fractions(_fill_counts(table, []))
     n_cells = table["n_cells"]
-    table["qc_flags"] = np.where(
-        n_cells == 0, "no_cells", np.where(n_cells < min_cells, "too_few_cells", "")
-    )
+    table["qc_flags"] = np.where(n_cells == 0, "no_cells", np.where(n_cells < min_cells, "too_few_cells", ""))
     table["qc_flags"] = table["qc_flags"].astype(str)
     return table[PER_WELL_COLUMNS].sort_values(_KEYS, ignore_index=True)
 

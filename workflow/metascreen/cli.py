@@ -190,11 +190,14 @@ def _check(config_path: Path) -> None:
     with open(config_path, encoding="utf-8") as handle:
         config = configuration.validate_config(yaml.safe_load(handle) or {})
     platemap = configuration.validate_platemap(
-        configuration.read_platemap(config["platemap"]), plates=list(config["plates"]), classes=config["classes"]
+        configuration.read_platemap(config["platemap"]),
+        plates=list(config["plates"]),
+        classes=config["classes"],
     )
     for plate, group in platemap.groupby("plate"):
-        training_wells = (group["train_class"] != "").sum()
-        print(f"plate {plate}: {len(group)} wells, {group['sample'].nunique()} samples, {training_wells} training wells")
+        n_training = (group["train_class"] != "").sum()
+        n_samples = group["sample"].nunique()
+        print(f"plate {plate}: {len(group)} wells, {n_samples} samples, {n_training} training wells")
 
 
 def run(arguments: argparse.Namespace) -> None:
@@ -226,7 +229,15 @@ def run(arguments: argparse.Namespace) -> None:
         stages.measure_well(a.zarr, a.plate, a.well, a.settings, a.channel, a.table, a.crops)
     elif a.command == "train":
         stages.train(
-            a.tables, a.crops, a.platemap, a.classes, a.settings, a.crop_settings, a.model, a.evaluation, a.threads
+            a.tables,
+            a.crops,
+            a.platemap,
+            a.classes,
+            a.settings,
+            a.crop_settings,
+            a.model,
+            a.evaluation,
+            a.threads,
         )
     elif a.command == "import-model":
         stages.import_model(a.source, a.crop_settings, a.model, a.evaluation)

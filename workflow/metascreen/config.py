@@ -74,9 +74,7 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         allowed ('texture_sigm' was unexpected)``.
     """
     validated = copy.deepcopy(dict(config))
-    error = jsonschema.exceptions.best_match(
-        _Validator(load_schema("config")).iter_errors(validated)
-    )
+    error = jsonschema.exceptions.best_match(_Validator(load_schema("config")).iter_errors(validated))
     if error is not None:
         raise ConfigError(_one_line(error, "config"))
     if validated["ingest"]["preset"] == "regex" and not validated["ingest"]["pattern"]:
@@ -95,9 +93,7 @@ def read_platemap(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False)
 
 
-def validate_platemap(
-    platemap: pd.DataFrame, *, plates: list[str], classes: dict[str, str]
-) -> pd.DataFrame:
+def validate_platemap(platemap: pd.DataFrame, *, plates: list[str], classes: dict[str, str]) -> pd.DataFrame:
     """Check a plate map against its schema and the configuration.
 
     Parameters

@@ -87,9 +87,7 @@ def classify_crops(
     if crops.ndim != 4 or crops.shape[2] != crops.shape[3]:
         raise ValueError(f"crops must have shape (N, C, S, S), got {crops.shape}.")
     if batch_size < 1 or num_workers < 1:
-        raise ValueError(
-            f"batch_size and num_workers must be >= 1, got {batch_size} and {num_workers}."
-        )
+        raise ValueError(f"batch_size and num_workers must be >= 1, got {batch_size} and {num_workers}.")
     torch_device = select_device(device)
     path = Path(model_path).resolve()
     if not path.is_file():

@@ -106,9 +106,7 @@ _MIN_BACKGROUND_PIXELS = 64
 def _check_pair(labels: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     labels, image = np.asarray(labels), np.asarray(image)
     if labels.ndim != 2 or labels.shape != image.shape:
-        raise ValueError(
-            f"labels and image must be 2-D of one shape, got {labels.shape} and {image.shape}"
-        )
+        raise ValueError(f"labels and image must be 2-D of one shape, got {labels.shape} and {image.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers, got {labels.dtype}")
     if labels.size and labels.min() < 0:
@@ -138,9 +136,9 @@ def measure_cells(labels: np.ndarray, image: np.ndarray) -> pd.DataFrame:
         the same columns and dtypes.
     """
     labels, image = _check_pair(labels, image)
-    table = pd.DataFrame(
-        regionprops_table(labels, intensity_image=image, properties=_PROPERTIES)
-    ).rename(columns=_RENAME)
+    table = pd.DataFrame(regionprops_table(labels, intensity_image=image, properties=_PROPERTIES)).rename(
+        columns=_RENAME
+    )
     minor = np.maximum(table["minor_axis_length"], MIN_AXIS_LENGTH)
     aspect = np.maximum(table["major_axis_length"], minor) / minor
     touches = (
@@ -188,7 +186,7 @@ def normalise_field(
     image = image.astype(np.float64)
     far = ndi.distance_transform_edt(labels == 0) > _BACKGROUND_MARGIN
     sampled = np.zeros_like(far)
-    sampled[:: _BACKGROUND_STEP, :: _BACKGROUND_STEP] = True
+    sampled[::_BACKGROUND_STEP, ::_BACKGROUND_STEP] = True
     rows, cols = np.nonzero(far & sampled)
     if rows.size < _MIN_BACKGROUND_PIXELS:
         surface = np.full(image.shape, np.median(image))

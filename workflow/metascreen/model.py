@@ -196,9 +196,7 @@ class ModelMetadata:
         for name, minimum in (("crop_size", MIN_CROP_SIZE), ("width", 1), ("depth", 1)):
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or value < minimum:
-                raise ValueError(
-                    f"ModelMetadata.{name} must be an integer >= {minimum}, got {value!r}."
-                )
+                raise ValueError(f"ModelMetadata.{name} must be an integer >= {minimum}, got {value!r}.")
             setattr(self, name, int(value))
         if self.seed is not None:
             self.seed = int(self.seed)

@@ -198,7 +198,7 @@ def write_field_labels(plate_path: str | Path, well: str, field: int, labels: np
         fmt=FormatV05(),
         axes=AXES,
         storage_options={"chunks": shape},
-        scale=dict(zip(AXES, scale)),
+        scale=dict(zip(AXES, scale, strict=True)),
         axes_units={"y": "micrometer", "x": "micrometer"},
     )
     final = labels_dir / LABELS_NAME

@@ -307,9 +307,7 @@ def _summary_section(
         ),
         (f"mean probability of {positive_class}", _format(mean_probability)),
     ]
-    body = "".join(
-        f"<tr><th>{_escape(key)}</th><td>{_escape(value)}</td></tr>" for key, value in rows
-    )
+    body = "".join(f"<tr><th>{_escape(key)}</th><td>{_escape(value)}</td></tr>" for key, value in rows)
     return f"<h2>Summary</h2>\n<table>{body}</table>"
 
 
@@ -398,9 +396,7 @@ def _wells_section(wells: pd.DataFrame) -> str:
     )
 
 
-def _evaluation_section(
-    evaluation: Mapping[str, Any], positive_class: str, negative_class: str
-) -> str:
+def _evaluation_section(evaluation: Mapping[str, Any], positive_class: str, negative_class: str) -> str:
     """Model metrics, confusion matrix, reliability diagram and other entries."""
     parts = ["<h2>Model evaluation</h2>"]
     if not evaluation:
@@ -410,15 +406,11 @@ def _evaluation_section(
     if metrics:
         parts.append(
             "<table>"
-            + "".join(
-                f"<tr><th>{_escape(label)}</th>{_cell(value)}</tr>" for label, value in metrics
-            )
+            + "".join(f"<tr><th>{_escape(label)}</th>{_cell(value)}</tr>" for label, value in metrics)
             + "</table>"
         )
     if "confusion_matrix" in evaluation:
-        parts.append(
-            _confusion_table(evaluation["confusion_matrix"], negative_class, positive_class)
-        )
+        parts.append(_confusion_table(evaluation["confusion_matrix"], negative_class, positive_class))
     if evaluation.get("reliability"):
         uri = _reliability_diagram(evaluation["reliability"])
         parts.append(f'<h3>Reliability diagram</h3>\n<img src="{uri}" alt="reliability diagram">')
@@ -426,9 +418,7 @@ def _evaluation_section(
     others = {key: value for key, value in evaluation.items() if key not in shown}
     if others:
         parts.append(
-            "<details><summary>Other evaluation entries</summary>"
-            + _definition_list(others)
-            + "</details>"
+            "<details><summary>Other evaluation entries</summary>" + _definition_list(others) + "</details>"
         )
     return "\n".join(parts)
 
@@ -503,9 +493,7 @@ def _plate_heatmap(
                 color=ink,
             )
     tick_size = 8 if n_columns <= 12 else 6 if n_columns <= 24 else 4
-    ax.set_xticks(
-        range(n_columns), labels=[str(c + 1) for c in range(n_columns)], fontsize=tick_size
-    )
+    ax.set_xticks(range(n_columns), labels=[str(c + 1) for c in range(n_columns)], fontsize=tick_size)
     ax.set_yticks(range(n_rows), labels=[_row_name(r) for r in range(n_rows)], fontsize=tick_size)
     ax.xaxis.tick_top()
     ax.set_xticks(np.arange(n_columns + 1) - 0.5, minor=True)
@@ -524,7 +512,7 @@ def _probability_histograms(groups: Sequence[tuple[str, np.ndarray]], positive_c
     fig = _new_figure(2.4 * n_columns, 1.8 * n_rows)
     axes = fig.subplots(n_rows, n_columns, squeeze=False, sharex=True)
     bins = np.linspace(0.0, 1.0, 21)
-    for ax, (sample, values) in zip(axes.flat, groups):
+    for ax, (sample, values) in zip(axes.flat, groups, strict=False):
         ax.hist(values, bins=bins, color="#4c72b0")
         ax.axvline(0.5, color="#c44e52", linestyle="--", linewidth=1)
         ax.set_title(f"{sample} (n={len(values)})", parse_math=False, fontsize=8)
@@ -585,9 +573,7 @@ def _crop_data_uri(crop: np.ndarray) -> str:
     low, high = np.percentile(finite, [1.0, 99.5]) if finite.size else (0.0, 0.0)
     scaled = np.clip((np.nan_to_num(image, nan=low) - low) / (high - low or 1.0), 0.0, 1.0)
     buffer = io.BytesIO()
-    imsave(
-        buffer, scaled, cmap="gray", vmin=0.0, vmax=1.0, format="png", metadata={"Software": None}
-    )
+    imsave(buffer, scaled, cmap="gray", vmin=0.0, vmax=1.0, format="png", metadata={"Software": None})
     return _png_data_uri(buffer.getvalue())
 
 
@@ -607,7 +593,7 @@ def _table(frame: pd.DataFrame, *, caption: str | None) -> str:
         partner = f"{column[:-4]}_high"
         if column.endswith("_ci_low") and partner in frame.columns:
             header = f"{column.removesuffix('_ci_low')} {_percent(CONFIDENCE)} CI"
-            values = [_interval(lo, hi) for lo, hi in zip(frame[column], frame[partner])]
+            values = [_interval(lo, hi) for lo, hi in zip(frame[column], frame[partner], strict=True)]
             columns.append((header, values))
             numeric.append(True)
         else:
@@ -617,12 +603,8 @@ def _table(frame: pd.DataFrame, *, caption: str | None) -> str:
     body = "".join(
         "<tr>"
         + "".join(
-            (
-                f'<td class="num">{_escape(values[i])}</td>'
-                if is_numeric
-                else f"<td>{_escape(values[i])}</td>"
-            )
-            for (_, values), is_numeric in zip(columns, numeric)
+            (f'<td class="num">{_escape(values[i])}</td>' if is_numeric else f"<td>{_escape(values[i])}</td>")
+            for (_, values), is_numeric in zip(columns, numeric, strict=True)
         )
         + "</tr>"
         for i in range(len(frame))
@@ -663,9 +645,7 @@ def _definition_list(entries: Mapping[str, Any]) -> str:
     items = []
     for key, value in entries.items():
         if isinstance(value, Mapping | list | tuple):
-            rendered = (
-                f"<pre>{_escape(json.dumps(value, indent=2, sort_keys=True, default=str))}</pre>"
-            )
+            rendered = f"<pre>{_escape(json.dumps(value, indent=2, sort_keys=True, default=str))}</pre>"
         else:
             rendered = _escape(_format(value))
         items.append(f"<dt>{_escape(key)}</dt><dd>{rendered}</dd>")
@@ -680,9 +660,7 @@ def _cell(value: Any) -> str:
 
 def _format(value: Any) -> str:
     """Human-readable text of a scalar; missing values as a dash."""
-    if value is None or (
-        pd.api.types.is_scalar(value) and not isinstance(value, str) and pd.isna(value)
-    ):
+    if value is None or (pd.api.types.is_scalar(value) and not isinstance(value, str) and pd.isna(value)):
         return _MISSING
     if isinstance(value, bool | np.bool_):
         return "yes" if value else "no"
@@ -734,9 +712,7 @@ def _well_position(well: str) -> tuple[int, int]:
     """0-based (row, column) of a well id such as ``"B03"``."""
     match = _WELL_PATTERN.match(str(well).strip().upper())
     if match is None:
-        raise ValueError(
-            f"malformed well id {well!r}; expected row letters and a column, e.g. 'B03'"
-        )
+        raise ValueError(f"malformed well id {well!r}; expected row letters and a column, e.g. 'B03'")
     letters, digits = match.groups()
     row = 0
     for letter in letters:

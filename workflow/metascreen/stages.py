@@ -23,8 +23,8 @@ import pandas as pd
 import zarr
 
 from metascreen import __version__, aggregate, discover, measure, ngff
-from metascreen.versions import package_versions
 from metascreen import segment as segmentation
+from metascreen.versions import package_versions
 
 log = logging.getLogger("metascreen")
 # torch and matplotlib are imported inside the stages that need them (train, classify,
@@ -121,7 +121,9 @@ def plan(
     for well in layout["unexpected_wells"]:
         log.warning("plate %s: images of well %s are not in the plate map and are skipped", plate, well)
     if unmatched:
-        log.warning("plate %s: %d files match no naming pattern, e.g. %s", plate, len(unmatched), unmatched[0])
+        log.warning(
+            "plate %s: %d files match no naming pattern, e.g. %s", plate, len(unmatched), unmatched[0]
+        )
     log.info(
         "plate %s: %d wells, %d fields, %d channels, %s %s per file, %d files",
         plate,
@@ -365,7 +367,10 @@ def train(
         "n_train_cells": int(len(train_y)),
         "n_val_cells": int(len(val_y)),
         "n_test_cells": int(len(test_y)),
-        "wells": {name: sorted(k for k, s in split_of_well.items() if s == name) for name in ("train", "val", "test")},
+        "wells": {
+            name: sorted(k for k, s in split_of_well.items() if s == name)
+            for name in ("train", "val", "test")
+        },
         "model_sha256": sha256,
     }
     write_json(evaluation_path, evaluation)
@@ -378,12 +383,16 @@ def train(
     )
 
 
-def import_model(source: str | Path, crop_settings: dict[str, Any], model_path: str | Path, evaluation_path: str | Path) -> None:
+def import_model(
+    source: str | Path, crop_settings: dict[str, Any], model_path: str | Path, evaluation_path: str | Path
+) -> None:
     """Check a model trained elsewhere against this run's crops and copy it into the results."""
     from metascreen import model
 
     channels = 2 if crop_settings["with_mask"] else 1
-    _, metadata = model.load_model(source, expected_crop_size=crop_settings["crop_size"], expected_channels=channels)
+    _, metadata = model.load_model(
+        source, expected_crop_size=crop_settings["crop_size"], expected_channels=channels
+    )
     with atomic_path(Path(model_path).with_suffix(".json")) as partial:
         shutil.copyfile(Path(source).with_suffix(".json"), partial)
     with atomic_path(model_path) as partial:
@@ -426,7 +435,11 @@ def classify_well(
     )
     cells["model_sha256"] = model.file_sha256(model_path)
     write_table(cells, output_path)
-    log.info("%d cells classified, %.1f%% positive", len(cells), 100 * float(np.mean(probability >= 0.5)) if len(cells) else 0.0)
+    log.info(
+        "%d cells classified, %.1f%% positive",
+        len(cells),
+        100 * float(np.mean(probability >= 0.5)) if len(cells) else 0.0,
+    )
 
 
 # ---------------------------------------------------------------- aggregation and reports
@@ -467,7 +480,9 @@ def summarize(
         write_table(table, outputs[f"{name}_parquet"])
 
 
-def _gallery(cells: pd.DataFrame, crops_dir: Path, classes: dict[str, str], per_class: int = 8) -> dict[str, list[tuple[str, np.ndarray]]]:
+def _gallery(
+    cells: pd.DataFrame, crops_dir: Path, classes: dict[str, str], per_class: int = 8
+) -> dict[str, list[tuple[str, np.ndarray]]]:
     """Most confident and most uncertain example cells per predicted class."""
     gallery: dict[str, list[tuple[str, np.ndarray]]] = {}
     confidence = (cells["probability"] - 0.5).abs()
@@ -475,14 +490,20 @@ def _gallery(cells: pd.DataFrame, crops_dir: Path, classes: dict[str, str], per_
         name = classes[role]
         of_class = cells[cells["predicted_class"] == name]
         picks = {
-            f"most confident {name}": of_class.loc[confidence[of_class.index].sort_values(ascending=False).index[:per_class]],
-            f"most uncertain {name}": of_class.loc[confidence[of_class.index].sort_values().index[:per_class]],
+            f"most confident {name}": of_class.loc[
+                confidence[of_class.index].sort_values(ascending=False).index[:per_class]
+            ],
+            f"most uncertain {name}": of_class.loc[
+                confidence[of_class.index].sort_values().index[:per_class]
+            ],
         }
         for caption, chosen in picks.items():
             examples = []
             for row in chosen.itertuples():
                 crop = zarr.open_array(str(crops_dir / f"{row.well}.zarr"), mode="r")[int(row.crop_index), 0]
-                examples.append((f"{row.well} f{row.field} #{row.label} p={row.probability:.2f}", np.asarray(crop)))
+                examples.append(
+                    (f"{row.well} f{row.field} #{row.label} p={row.probability:.2f}", np.asarray(crop))
+                )
             gallery[caption] = examples
     return gallery
 
@@ -530,11 +551,15 @@ def report_plate(
         partial.write_text(html, encoding="utf-8")
 
 
-def report_index(plates: Sequence[str], per_plate_path: str | Path, per_sample_path: str | Path, output_path: str | Path) -> None:
+def report_index(
+    plates: Sequence[str], per_plate_path: str | Path, per_sample_path: str | Path, output_path: str | Path
+) -> None:
     """Render the cross-plate summary page."""
     from metascreen import report
 
-    html = report.render_index(list(plates), pd.read_parquet(per_plate_path), pd.read_parquet(per_sample_path))
+    html = report.render_index(
+        list(plates), pd.read_parquet(per_plate_path), pd.read_parquet(per_sample_path)
+    )
     with atomic_path(output_path) as partial:
         partial.write_text(html, encoding="utf-8")
 

@@ -89,9 +89,7 @@ class _Scene(NamedTuple):
 # --------------------------------------------------------------------------- cells
 
 
-def _cell_footprint(
-    rng: np.random.Generator, positive: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _cell_footprint(rng: np.random.Generator, positive: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw one cell in a local square frame centred on its centre.
 
     Returns
@@ -449,14 +447,10 @@ def _cell_rows(labels: np.ndarray, is_positive: np.ndarray) -> pd.DataFrame:
     props = pd.DataFrame(regionprops_table(labels, properties=("label", "area", "centroid")))
     props = props.rename(columns={"centroid-0": "centroid_y", "centroid-1": "centroid_x"})
     positive = is_positive[props["label"].to_numpy() - 1]
-    return props.assign(
-        cell_type=np.asarray(CELL_TYPES)[positive.astype(int)], is_positive=positive
-    )
+    return props.assign(cell_type=np.asarray(CELL_TYPES)[positive.astype(int)], is_positive=positive)
 
 
-def _truth_summaries(
-    layout: pd.DataFrame, cells: pd.DataFrame
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _truth_summaries(layout: pd.DataFrame, cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-well and per-sample cell counts and realised positive fractions."""
     counts = cells.groupby(["plate", "well"]).agg(
         n_cells=("is_positive", "size"), n_positive=("is_positive", "sum")
@@ -546,9 +540,7 @@ def write_plate(
     shape = _check_shape(shape)
     lo, hi = cells_per_field
     if not 0 <= lo <= hi:
-        raise ValueError(
-            f"cells_per_field must be (min, max) with 0 <= min <= max, got {cells_per_field!r}"
-        )
+        raise ValueError(f"cells_per_field must be (min, max) with 0 <= min <= max, got {cells_per_field!r}")
     counts = {"fields_per_well": fields_per_well, "z_planes": z_planes, "channels": channels}
     for name, value in counts.items():
         if value < 1:

@@ -78,9 +78,7 @@ def split_wells(
     """
     missing = {"well_key", "label"} - set(wells.columns)
     if missing:
-        raise ValueError(
-            f"split_wells needs columns well_key and label; missing {sorted(missing)}."
-        )
+        raise ValueError(f"split_wells needs columns well_key and label; missing {sorted(missing)}.")
     if wells["well_key"].duplicated().any():
         dupes = sorted(wells.loc[wells["well_key"].duplicated(), "well_key"].astype(str))[:5]
         raise ValueError(f"well_key must be unique (one row per well); duplicated: {dupes}.")
@@ -167,9 +165,7 @@ def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     theta[:, 1, 0] = sin * mirror * scale
     theta[:, 1, 1] = cos * scale
     grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
-    out = F.grid_sample(
-        batch.float(), grid, mode="bilinear", padding_mode="border", align_corners=False
-    )
+    out = F.grid_sample(batch.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     if out.shape[1] > 1:
         out[:, 1:] = (out[:, 1:] > 0.5).to(out.dtype)
 
@@ -227,9 +223,7 @@ def _check_xy(x: np.ndarray, y: np.ndarray, name: str) -> tuple[np.ndarray, np.n
     if x.ndim != 4 or x.shape[2] != x.shape[3]:
         raise ValueError(f"{name}_x must have shape (N, C, S, S), got {x.shape}.")
     if y.shape != (x.shape[0],):
-        raise ValueError(
-            f"{name}_y must have shape ({x.shape[0]},) to match {name}_x, got {y.shape}."
-        )
+        raise ValueError(f"{name}_y must have shape ({x.shape[0]},) to match {name}_x, got {y.shape}.")
     if not np.isin(y, [0, 1]).all():
         raise ValueError(f"{name}_y must contain only 0 (negative) and 1 (positive).")
     if not np.isfinite(x).all():
@@ -344,9 +338,7 @@ def train_classifier(
                     xb = augment(xb, generator)
                 yb = y_all[index].to(torch_device)
                 wb = weights_all[index].to(torch_device)
-                with torch.autocast(
-                    torch_device.type, dtype=amp_dtype, enabled=amp_dtype is not None
-                ):
+                with torch.autocast(torch_device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = model(xb)
                 loss = F.binary_cross_entropy_with_logits(logits.float(), yb, weight=wb)
                 optimizer.zero_grad(set_to_none=True)
@@ -571,12 +563,8 @@ def evaluate_predictions(
         )
     if not np.isin(labels, [0, 1]).all():
         raise ValueError("labels must be 0 (negative) or 1 (positive).")
-    if not (
-        np.isfinite(probability).all() and (probability >= 0).all() and (probability <= 1).all()
-    ):
-        raise ValueError(
-            "probability must be finite and within [0, 1]; pass probabilities, not logits."
-        )
+    if not (np.isfinite(probability).all() and (probability >= 0).all() and (probability <= 1).all()):
+        raise ValueError("probability must be finite and within [0, 1]; pass probabilities, not logits.")
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}.")
     labels = labels.astype(np.int64)
@@ -593,13 +581,9 @@ def evaluate_predictions(
     count = np.bincount(bins, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         bin_confidence = np.bincount(bins, weights=confidence, minlength=n_bins) / count
-        bin_accuracy = (
-            np.bincount(bins, weights=correct.astype(np.float64), minlength=n_bins) / count
-        )
+        bin_accuracy = np.bincount(bins, weights=correct.astype(np.float64), minlength=n_bins) / count
     filled = count > 0
-    ece = float(
-        np.sum(count[filled] / len(labels) * np.abs(bin_accuracy[filled] - bin_confidence[filled]))
-    )
+    ece = float(np.sum(count[filled] / len(labels) * np.abs(bin_accuracy[filled] - bin_confidence[filled])))
     clipped = np.clip(probability, 1e-7, 1 - 1e-7)
     nll = float(-np.mean(np.where(labels == 1, np.log(clipped), np.log1p(-clipped))))
     edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -671,13 +655,10 @@ def fit_logistic_baseline(
     labels = np.asarray(train_y)
     if features.ndim != 2 or labels.shape != (features.shape[0],):
         raise ValueError(
-            f"train_features must be (N, F) and train_y (N,), got {features.shape} and "
-            f"{labels.shape}."
+            f"train_features must be (N, F) and train_y (N,), got {features.shape} and {labels.shape}."
         )
     if not np.isfinite(features).all():
-        raise ValueError(
-            "train_features contain NaN or infinite values; drop or impute those cells."
-        )
+        raise ValueError("train_features contain NaN or infinite values; drop or impute those cells.")
     if not np.isin(labels, [0, 1]).all() or len(np.unique(labels)) < 2:
         raise ValueError("train_y must be 0/1 with both classes present.")
     labels = labels.astype(np.int64)
@@ -693,18 +674,13 @@ def fit_logistic_baseline(
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         logits = x @ params[:-1] + params[-1]
-        loss = (
-            F.binary_cross_entropy_with_logits(logits, y, weight=w)
-            + l2 * params[:-1].square().sum()
-        )
+        loss = F.binary_cross_entropy_with_logits(logits, y, weight=w) + l2 * params[:-1].square().sum()
         loss.backward()
         return loss
 
     optimizer.step(closure)
     fitted = params.detach().numpy()
-    return LogisticBaseline(
-        mean=mean, std=std, coef=fitted[:-1].copy(), intercept=float(fitted[-1])
-    )
+    return LogisticBaseline(mean=mean, std=std, coef=fitted[:-1].copy(), intercept=float(fitted[-1]))
 
 
 def predict_logistic_baseline(baseline: LogisticBaseline, features: np.ndarray) -> np.ndarray:
@@ -725,8 +701,7 @@ def predict_logistic_baseline(baseline: LogisticBaseline, features: np.ndarray) 
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[1] != len(baseline.coef):
         raise ValueError(
-            f"features must be (N, {len(baseline.coef)}) like the training features, got "
-            f"{features.shape}."
+            f"features must be (N, {len(baseline.coef)}) like the training features, got {features.shape}."
         )
     logits = ((features - baseline.mean) / baseline.std) @ baseline.coef + baseline.intercept
     return calibrated_probability(logits, 1.0)
@@ -752,9 +727,7 @@ def dataset_sha256(*arrays: np.ndarray) -> str:
     for array in arrays:
         array = np.ascontiguousarray(array)
         if array.dtype.hasobject:
-            raise ValueError(
-                "dataset_sha256 hashes numeric arrays only; convert object arrays first."
-            )
+            raise ValueError("dataset_sha256 hashes numeric arrays only; convert object arrays first.")
         digest.update(f"{array.dtype.str}{array.shape};".encode())
         digest.update(array.data)  # the buffer itself: no copy of large crop arrays
     return digest.hexdigest()
