@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import tifffile
+
 from metascreen import stages, synth
 
 WELLS = 8

@@ -21,6 +21,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+
 from metascreen.aggregate import (
     PER_PLATE_COLUMNS,
     PER_SAMPLE_COLUMNS,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import yaml
+
 from metascreen import synth
 from metascreen.config import ConfigError, read_platemap, validate_config, validate_platemap
 

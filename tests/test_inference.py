@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+
 from metascreen import inference
 from metascreen.model import CellCNN, ModelMetadata, load_model, save_model
 from metascreen.training import calibrated_probability, predict_logits

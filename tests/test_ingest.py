@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 import tifffile
 import zarr
-from metascreen import discover, ngff, stages, synth
 from ome_zarr_models.v05.hcs import HCS
 from ome_zarr_models.v05.image import Image
+
+from metascreen import discover, ngff, stages, synth
 
 INGEST = {
     "preset": "imagexpress",

@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from skimage.draw import disk, ellipse
+from skimage.measure import regionprops
+
 from metascreen.measure import (
     COLUMNS,
     FEATURE_COLUMNS,
@@ -12,8 +15,6 @@ from metascreen.measure import (
     measure_cells,
     normalise_field,
 )
-from skimage.draw import disk, ellipse
-from skimage.measure import regionprops
 
 # our column -> regionprops attribute
 REGIONPROPS = {

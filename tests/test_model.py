@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+
 from metascreen import model as model_module
 from metascreen.model import (
     CellCNN,
@@ -21,15 +22,7 @@ from metascreen.model import (
     select_device,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """One intra-op thread: on small 2-core VMs, two OpenMP threads make tiny convolutions
-    slower and their timing erratic. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _metadata(**overrides: object) -> ModelMetadata:

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
+
 from metascreen.aggregate import per_plate_summary, per_sample_summary, per_well_summary
 from metascreen.report import (
     figure_to_data_uri,

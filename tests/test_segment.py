@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from metascreen.segment import match_instances, segment_label_free
 from metascreen.synth import render_field
 

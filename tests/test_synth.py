@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from scipy import ndimage as ndi
+
 from metascreen.measure import measure_cells
 from metascreen.synth import LAYOUT_COLUMNS, demo_layout, render_field, write_plate
-from scipy import ndimage as ndi
 
 SMALL = {"shape": (192, 192), "cells_per_field": (4, 8), "fields_per_well": 2}
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from metascreen.model import CellCNN
 from metascreen.training import (
     TEMPERATURE_BOUNDS,
@@ -33,14 +34,7 @@ CROP = 32
 FAST = {"width": 8, "depth": 3, "batch_size": 32, "learning_rate": 5e-3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """One intra-op thread: on small 2-core VMs, two OpenMP threads make tiny convolutions
-    slower and their timing erratic. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def make_cells(n: int, seed: int, size: int = CROP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -32,19 +32,9 @@ log = logging.getLogger("metascreen")
 
 CROP_CHUNK = 256
 PACKAGES = ("metascreen", "numpy", "dask", "zarr", "ome-zarr", "tifffile", "scikit-image", "torch", "pandas")
-# Morphology features of the logistic-regression baseline: shape and intensity, not position.
-BASELINE_FEATURES = (
-    "area",
-    "perimeter",
-    "eccentricity",
-    "solidity",
-    "major_axis_length",
-    "minor_axis_length",
-    "aspect_ratio",
-    "elongation",
-    "intensity_mean",
-    "intensity_std",
-)
+# Features of the logistic-regression baseline: all of measure's shape and intensity
+# features but the orientation, which says where a cell points, not what it is.
+BASELINE_FEATURES = tuple(name for name in measure.FEATURE_COLUMNS if name != "orientation")
 
 
 # ---------------------------------------------------------------- atomic writes
