@@ -13,8 +13,8 @@ import tifffile
 
 from metascreen import stages, synth
 
-WELLS = 8
-FIELDS = 4
+WELLS = 16
+FIELDS = 8
 SHAPE = (2048, 2048)
 THREADS = 2
 SETTINGS = {
@@ -23,6 +23,9 @@ SETTINGS = {
     "channel_names": ["brightfield"],
     "pixel_size_um": 0.65,
     "compression_level": 3,
+    "chunk_size": None,
+    "shard": False,
+    "bad_files": "error",
     "unexpected_wells": "warn",
 }
 

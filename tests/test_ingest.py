@@ -20,6 +20,9 @@ INGEST = {
     "channel_names": ["bf"],
     "pixel_size_um": 0.5,
     "compression_level": 3,
+    "chunk_size": None,
+    "shard": False,
+    "bad_files": "error",
     "unexpected_wells": "warn",
 }
 
@@ -167,3 +170,118 @@ def test_synthetic_z_and_channel_stacks_ingest(tmp_path):
     assert stored.shape == (1, 2, 3, 96, 96)
     original = tifffile.imread(tmp_path / "plate" / "images" / f"demo_{well}_s1_w2.TIF")
     np.testing.assert_array_equal(stored[0, 1].compute(), original)
+
+
+def ingest_all(folder: Path, tmp_path: Path, wells: list[str], **settings) -> tuple[Path, dict]:
+    """Plan and ingest every well of a folder; return the plate path and the plan."""
+    settings = {**INGEST, **settings}
+    platemap = pd.DataFrame({"plate": "P1", "well": wells})
+    plate = tmp_path / "P1.ome.zarr"
+    layout = stages.plan("P1", folder, platemap, settings, tmp_path / "plan.json", plate)
+    for well in layout["wells"]:
+        stages.ingest_well(tmp_path / "plan.json", plate, well, settings, tmp_path / f"{well}.json")
+    return plate, layout
+
+
+def test_operetta_planes_from_file_names_stack_along_z(tmp_path):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    planes = {}
+    for channel in (1, 2):
+        for plane in (1, 2, 3):
+            image = rng.integers(0, 4096, (40, 48), dtype=np.uint16)
+            tifffile.imwrite(folder / f"r02c03f01p{plane:02d}-ch{channel}sk1fk1fl1.tiff", image)
+            planes[(channel - 1, plane - 1)] = image
+    plate, layout = ingest_all(folder, tmp_path, ["B03"], preset="operetta")
+    assert layout["shape"] == [1, 2, 3, 40, 48] and layout["n_files"] == 6
+    stored = ngff.field_image(plate, "B03", 0).compute()
+    for (channel, plane), image in planes.items():
+        np.testing.assert_array_equal(stored[0, channel, plane], image)
+
+
+def test_incucyte_time_points_stack_along_t(tmp_path):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    frames = [np.full((32, 32), value, np.uint8) for value in (10, 20, 30)]
+    for frame, stamp in zip(frames, ("00d00h00m", "00d04h00m", "01d00h00m"), strict=True):
+        tifffile.imwrite(folder / f"VID1_B3_1_{stamp}.tif", frame)
+    plate, layout = ingest_all(folder, tmp_path, ["B03"], preset="incucyte")
+    assert layout["shape"] == [3, 1, 1, 32, 32]
+    stored = ngff.field_image(plate, "B03", 0).compute()
+    assert stored[:, 0, 0, 0, 0].tolist() == [10, 20, 30]
+
+
+def test_imagej_hyperstack_axes_are_mapped_to_tczyx(tmp_path):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    stack = np.arange(2 * 3 * 2 * 16 * 16, dtype=np.float32).reshape(2, 3, 2, 16, 16)  # T Z C Y X
+    tifffile.imwrite(folder / "P1_A01_s1_w1.TIF", stack, imagej=True, metadata={"axes": "TZCYX"})
+    plate, layout = ingest_all(folder, tmp_path, ["A01"])
+    assert layout["shape"] == [2, 2, 3, 16, 16] and layout["dtype"] == "float32"
+    np.testing.assert_array_equal(ngff.field_image(plate, "A01", 0).compute(), stack.transpose(0, 2, 1, 3, 4))
+
+
+def test_ome_tiff_pixel_size_overrides_the_config(tmp_path):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    image = np.zeros((2, 32, 32), np.uint16)
+    metadata = {"axes": "CYX", "PhysicalSizeX": 0.325, "PhysicalSizeY": 0.325}
+    tifffile.imwrite(folder / "P1_A01_s1_w1.ome.tif", image, ome=True, metadata=metadata)
+    plate, layout = ingest_all(
+        folder, tmp_path, ["A01"], preset="regex", pattern=r".*_(?P<well>A01)_s(?P<field>\d)"
+    )
+    assert (layout["pixel_size_um"], layout["pixel_size_source"]) == (0.325, "OME-TIFF metadata")
+    attributes = zarr.open_group(str(plate / "A" / "01" / "0"), mode="r").attrs["ome"]
+    assert attributes["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"][-1] == 0.325
+
+
+def test_bad_file_skips_its_field_when_configured(tmp_path):
+    pixels = write_tiffs(tmp_path / "img", ["A01", "A02"], fields=3)
+    (tmp_path / "img" / "P1_A02_s2_w1.TIF").write_bytes(b"")
+    plate, layout = ingest_all(tmp_path / "img", tmp_path, ["A01", "A02"], bad_files="skip")
+    assert layout["skipped"] == [
+        {"well": "A02", "field": 1, "file": "P1_A02_s2_w1.TIF", "reason": layout["skipped"][0]["reason"]}
+    ]
+    assert "empty file" in layout["skipped"][0]["reason"]
+    assert ngff.field_indices(plate, "A02") == [0, 2]
+    assert ngff.field_indices(plate, "A01") == [0, 1, 2]
+    np.testing.assert_array_equal(ngff.field_image(plate, "A02", 2)[0, 0, 0].compute(), pixels[("A02", 2, 0)])
+    HCS.from_zarr(zarr.open_group(str(plate), mode="r"))
+
+
+def test_sharded_and_tiled_chunks_round_trip(tmp_path):
+    pixels = write_tiffs(tmp_path / "img", ["A01"], fields=1, shape=(300, 260))
+    plate, _ = ingest_all(tmp_path / "img", tmp_path, ["A01"], shard=True, chunk_size=128)
+    level0 = zarr.open_array(str(plate / "A" / "01" / "0" / "s0"), mode="r")
+    assert level0.chunks == (1, 1, 1, 128, 128) and level0.shards == (1, 1, 1, 384, 384)
+    np.testing.assert_array_equal(level0[0, 0, 0], pixels[("A01", 0, 0)])
+
+
+def test_pyramid_level_is_the_block_mean():
+    image = np.arange(16, dtype=np.uint16).reshape(4, 4)
+    np.testing.assert_array_equal(ngff.downsample_mean(image), [[3, 5], [11, 13]])
+    assert ngff.downsample_mean(np.full((5, 5), 65535, np.uint16)).tolist() == [[65535] * 2] * 2
+
+
+def test_reads_back_with_ome_zarr_py(tmp_path):
+    write_tiffs(tmp_path / "img", ["A01", "B02"], fields=2)
+    plate, _ = ingest_all(tmp_path / "img", tmp_path, ["A01", "B02"])
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    image_node = next(iter(Reader(parse_url(str(plate / "B" / "02" / "1")))()))
+    assert image_node.data[0].shape == (1, 1, 1, 64, 80)
+    plate_node = next(iter(Reader(parse_url(str(plate)))()))
+    assert plate_node.metadata["metadata"]["plate"]["wells"][1]["path"] == "B/02"
+
+
+def test_example_human_three_channels(tmp_path, shared_data):
+    folder = shared_data / "example_human"
+    plate, layout = ingest_all(folder, tmp_path, ["D03"], preset="cellomics")
+    assert (layout["n_channels"], layout["n_fields"], layout["n_files"]) == (3, 1, 3)
+    stored = ngff.field_image(plate, "D03", 0)
+    for channel in range(3):
+        original = tifffile.imread(folder / f"AS_09125_050116030001_D03f00d{channel}.tif")
+        np.testing.assert_array_equal(stored[0, channel, 0].compute(), original)
+    Image.from_zarr(zarr.open_group(str(plate / "D" / "03" / "0"), mode="r"))

@@ -395,3 +395,12 @@ def test_reliability_as_per_bin_lists(tables):
 def test_reliability_without_required_key_is_rejected(tables):
     with pytest.raises(ValueError, match="count"):
         _render(tables, evaluation={"reliability": [{"confidence": 0.6, "accuracy": 0.5}]}, gallery={})
+
+
+def test_skipped_fields_are_listed_in_quality_control(tables):
+    skipped = pd.DataFrame(
+        [{"well": "A02", "field": 1, "file": "P1_A02_s2_w1.TIF", "reason": "empty file (0 bytes)"}]
+    )
+    html = _render(tables, skipped_fields=skipped)
+    assert "P1_A02_s2_w1.TIF" in html and "skipped at ingest" in html
+    assert "skipped at ingest" not in _render(tables)

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import tifffile
 
@@ -20,7 +21,18 @@ PRESETS: dict[str, str] = {
     "imagexpress": r"^(?P<plate>.+)_(?P<well>[A-Pa-p]\d{1,2})_s(?P<field>\d+)_w(?P<channel>\d+)\.tiff?$",
     # Cellomics / ArrayScan: AS_09047_050428030001_O01f00d2.TIF
     "cellomics": r"^(?P<plate>.+)_(?P<well>[A-Pa-p]\d{2})f(?P<field>\d+)d(?P<channel>\d+)\.tiff?$",
+    # Operetta / Opera Phenix: r02c03f01p01-ch1sk1fk1fl1.tiff (one file per plane)
+    "operetta": r"^r(?P<row>\d{2})c(?P<col>\d{2})f(?P<field>\d+)p(?P<z>\d+)-ch(?P<channel>\d+).*\.tiff?$",
+    # Incucyte: VID1_B3_1_00d00h00m.tif (one file per time point, one channel)
+    "incucyte": (
+        r"^(?P<plate>.+?)_(?P<well>[A-Pa-p]\d{1,2})_(?P<field>\d+)_(?P<t>\d{2,}d\d{2}h\d{2}m)\.tiff?$"
+    ),
 }
+# tifffile series axes -> ours: pages of unknown meaning (Q, I) are taken as Z planes
+AXIS_OF = {"T": "t", "C": "c", "S": "c", "Z": "z", "Q": "z", "I": "z", "Y": "y", "X": "x"}
+
+
+NAMED_AXES = ("field", "channel", "z", "t")
 
 
 class DiscoveryError(ValueError):
@@ -39,10 +51,10 @@ def naming_pattern(preset: str, pattern: str | None = None) -> re.Pattern[str]:
         raise DiscoveryError(f"unknown naming preset {preset!r}; choose one of {sorted(PRESETS)} or 'regex'")
     compiled = re.compile(source, re.IGNORECASE)
     groups = set(compiled.groupindex)
-    if not ({"well"} <= groups or {"row", "col"} <= groups) or not {"field", "channel"} <= groups:
+    if not ({"well"} <= groups or {"row", "col"} <= groups) or "field" not in groups:
         raise DiscoveryError(
             f"pattern {source!r} needs named groups (?P<well>...) or (?P<row>...)(?P<col>...), "
-            "plus (?P<field>...) and (?P<channel>...)"
+            "and (?P<field>...); (?P<channel>...), (?P<z>...) and (?P<t>...) are optional"
         )
     return compiled
 
@@ -84,8 +96,14 @@ def discover_files(folder: str | Path, pattern: re.Pattern[str]) -> tuple[pd.Dat
     folder = Path(folder)
     if not folder.is_dir():
         raise DiscoveryError(f"image folder not found or not a folder: {folder}")
+    try:
+        entries = sorted(folder.iterdir())
+    except PermissionError as error:
+        raise DiscoveryError(
+            f"image folder {folder} is not readable ({error}); check its permissions"
+        ) from error
     records, unmatched = [], []
-    for path in sorted(folder.iterdir()):
+    for path in entries:
         if not path.is_file() or path.name.startswith("."):
             continue
         match = pattern.match(path.name)
@@ -93,40 +111,90 @@ def discover_files(folder: str | Path, pattern: re.Pattern[str]) -> tuple[pd.Dat
             unmatched.append(path.name)
             continue
         groups = match.groupdict()
-        records.append(
-            {
-                "path": str(path),
-                "well": _row_col_well(groups),
-                "field_number": int(groups["field"]),
-                "channel_number": int(groups["channel"]),
-            }
-        )
+        record = {"path": str(path), "well": _row_col_well(groups)}
+        for axis in NAMED_AXES:
+            value = groups.get(axis) or "0"
+            record[f"{axis}_key"] = int(value) if value.isdigit() else value
+        records.append(record)
     if not records:
         raise DiscoveryError(
             f"no file in {folder} matches the naming pattern {pattern.pattern!r}; "
             "check ingest.preset (or ingest.pattern)"
         )
     files = pd.DataFrame.from_records(records)
-    for number, index in (("field_number", "field"), ("channel_number", "channel")):
-        ranks = {value: rank for rank, value in enumerate(sorted(files[number].unique()))}
-        files[index] = files[number].map(ranks)
-    duplicated = files[files.duplicated(["well", "field", "channel"], keep=False)]
+    for axis in NAMED_AXES:
+        # 0-based index by sorted order: 1-based (s1) and 0-based (f00) schemes agree
+        ranks = {value: rank for rank, value in enumerate(sorted(files[f"{axis}_key"].unique()))}
+        files[axis] = files[f"{axis}_key"].map(ranks)
+    files = files.drop(columns=[f"{axis}_key" for axis in NAMED_AXES])
+    duplicated = files[files.duplicated(["well", *NAMED_AXES], keep=False)]
     if not duplicated.empty:
         names = ", ".join(Path(p).name for p in duplicated["path"][:2])
-        raise DiscoveryError(f"two files claim the same well, field and channel: {names}; remove one")
-    files = files.drop(columns=["field_number", "channel_number"])
-    return files.sort_values(["well", "field", "channel"], ignore_index=True), unmatched
+        raise DiscoveryError(f"two files claim the same well, field, channel, z and t: {names}; remove one")
+    return files.sort_values(["well", *NAMED_AXES], ignore_index=True), unmatched
+
+
+def tczyx_order(axes: str) -> tuple[list[int], list[str]]:
+    """How to bring a tifffile series with ``axes`` into (t, c, z, y, x) order.
+
+    Returns the transpose order and the target axis of each transposed axis; adjacent
+    axes with the same target (e.g. ``Q`` and ``Z``) are merged by a reshape.
+    """
+    targets = [AXIS_OF.get(axis, "z") for axis in axes]
+    if targets.count("y") != 1 or targets.count("x") != 1:
+        raise DiscoveryError(f"TIFF series axes {axes!r} lack one Y and one X axis")
+    order = sorted(range(len(axes)), key=lambda index: ("tczyx".index(targets[index]), index))
+    return order, [targets[index] for index in order]
+
+
+def tczyx_shape(shape: list[int], axes: str) -> list[int]:
+    """The (t, c, z, y, x) shape of a series of ``shape`` with ``axes``."""
+    order, targets = tczyx_order(axes)
+    return [
+        int(np.prod([shape[i] for i, a in zip(order, targets, strict=True) if a == axis])) for axis in "tczyx"
+    ]
+
+
+def read_tiff_tczyx(path: str | Path) -> np.ndarray:
+    """A TIFF's first series as a (t, c, z, y, x) array, whatever its page layout."""
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        pixels, axes = series.asarray(), series.axes
+    order, _ = tczyx_order(axes)
+    return pixels.transpose(order).reshape(tczyx_shape(list(pixels.shape), axes))
+
+
+def _pixel_size_um(tif: tifffile.TiffFile) -> float | None:
+    """PhysicalSizeX of an OME-TIFF in micrometres, when recorded."""
+    if not tif.is_ome:
+        return None
+    images = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+    pixels = (images[0] if isinstance(images, list) else images)["Pixels"]
+    size, unit = pixels.get("PhysicalSizeX"), pixels.get("PhysicalSizeXUnit", "µm")
+    if size is None:
+        return None
+    return float(size) * {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}.get(unit, 1.0)
 
 
 def read_tiff_header(path: str | Path) -> dict[str, Any]:
-    """Shape, dtype and axes of a TIFF's first series, without reading pixels."""
+    """(t, c, z, y, x) shape, dtype and pixel size of a TIFF's first series, without its pixels."""
     path = Path(path)
     if path.stat().st_size == 0:
         raise DiscoveryError(f"{path}: empty file (0 bytes); re-export or remove it")
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            return {"shape": list(series.shape), "dtype": str(series.dtype), "axes": series.axes}
+            last = series.pages[-1]
+            # a file cut short keeps a valid header: its last strip then ends past the file's end
+            if last.dataoffsets[-1] + last.databytecounts[-1] > path.stat().st_size:
+                raise DiscoveryError(f"{path}: truncated (pixel data ends past the file's end); re-export it")
+            return {
+                "shape": tczyx_shape(list(series.shape), series.axes),
+                "dtype": str(series.dtype),
+                "pixel_size_um": _pixel_size_um(tif),
+            }
+    except DiscoveryError:
+        raise
     except Exception as error:  # tifffile raises several types for damaged files
         raise DiscoveryError(f"{path}: not a readable TIFF ({error}); re-export or remove it") from error
 
@@ -138,18 +206,37 @@ def plan_plate(
     platemap_wells: list[str],
     *,
     unexpected_wells: str = "warn",
+    bad_files: str = "error",
+    pixel_size_um: float = 1.0,
 ) -> dict[str, Any]:
     """Check discovered files against the plate map and describe the ingest to come.
 
-    Every file's TIFF header is read, so that empty, damaged or odd-shaped files are
-    reported here, before any conversion.
+    Every file's TIFF header is read (not its pixels), so that empty, damaged or
+    odd-shaped files are reported here, before any conversion.
+
+    Parameters
+    ----------
+    plate : str
+        Plate id.
+    files, unmatched
+        From :func:`discover_files`.
+    platemap_wells : list of str
+        The plate's wells in the plate map.
+    unexpected_wells : {"warn", "error"}
+        Images of wells absent from the plate map are skipped, or an error.
+    bad_files : {"error", "skip"}
+        A damaged, empty or odd-shaped file is an error, or its field is skipped and
+        recorded in ``skipped``.
+    pixel_size_um : float
+        Used when the files do not record their pixel size (OME-TIFF does).
 
     Returns
     -------
     dict
-        plate, wells (well -> list of fields, each a list of file paths by channel),
-        n_fields, n_channels, shape (of one file's series), dtype, axes, n_files,
-        unexpected_wells, unmatched_files.
+        plate; wells (well -> list of fields, each ``{"field": index, "files": [[path,
+        t, c, z], ...]}``); shape of a field (t, c, z, y, x) and of a file; dtype;
+        pixel_size_um and its source; n_fields, n_channels, n_z, n_t, n_files;
+        unexpected_wells, unmatched_files, skipped (well, field, file, reason).
     """
     missing = sorted(set(platemap_wells) - set(files["well"]))
     if missing:
@@ -164,41 +251,81 @@ def plan_plate(
             "add them to the plate map or set ingest.unexpected_wells: warn"
         )
     files = files[files["well"].isin(platemap_wells)]
-    n_fields = int(files["field"].max()) + 1
-    n_channels = int(files["channel"].max()) + 1
+    skipped: list[dict[str, Any]] = []
 
-    headers = {path: read_tiff_header(path) for path in files["path"]}
-    reference_path = files["path"].iloc[0]
-    reference = headers[reference_path]
+    def reject(well: str, field: int, path: str, reason: str) -> None:
+        if bad_files == "error":
+            raise DiscoveryError(f"{reason}; or set ingest.bad_files: skip to skip the field")
+        skipped.append({"well": well, "field": int(field), "file": Path(path).name, "reason": reason})
+
+    headers: dict[str, dict[str, Any]] = {}
+    for row in files.itertuples():
+        try:
+            headers[row.path] = read_tiff_header(row.path)
+        except DiscoveryError as error:
+            reject(row.well, row.field, row.path, str(error))
+    readable = list(headers.values())
+    if not readable:
+        raise DiscoveryError(f"plate {plate}: no readable image file")
+    # the geometry most files share is the plate's; other files are odd ones out
+    geometries = pd.Series([(tuple(h["shape"]), h["dtype"]) for h in readable]).value_counts()
+    file_shape, dtype = geometries.index[0]
     for path, header in headers.items():
-        if header["shape"] != reference["shape"] or header["dtype"] != reference["dtype"]:
-            raise DiscoveryError(
-                f"{path}: shape {header['shape']} {header['dtype']} differs from "
-                f"{reference['shape']} {reference['dtype']} of {reference_path}; "
-                "a plate must have one image geometry"
+        if (tuple(header["shape"]), header["dtype"]) != (file_shape, dtype):
+            row = files[files["path"] == path].iloc[0]
+            reject(
+                row.well,
+                row.field,
+                path,
+                f"{path}: shape {header['shape']} {header['dtype']} differs from the plate's "
+                f"{list(file_shape)} {dtype}; a plate must have one image geometry",
             )
 
-    wells: dict[str, list[list[str]]] = {}
-    for well, group in files.groupby("well", sort=True):
-        fields = []
-        for field in range(n_fields):
-            paths = group[group["field"] == field].sort_values("channel")["path"].tolist()
-            if len(paths) != n_channels:
-                raise DiscoveryError(
-                    f"plate {plate} well {well} field {field}: {len(paths)} of {n_channels} "
-                    "channel files found; add the missing files or remove the field"
-                )
-            fields.append(paths)
-        wells[str(well)] = fields
+    counts = {axis: int(files[axis].max()) + 1 for axis in ("t", "channel", "z")}
+    per_field = counts["t"] * counts["channel"] * counts["z"]
+    bad_fields = {(entry["well"], entry["field"]) for entry in skipped}
+    wells: dict[str, list[dict[str, Any]]] = {}
+    for (well, field), group in files.groupby(["well", "field"], sort=True):
+        if (well, field) in bad_fields:
+            continue
+        if len(group) != per_field:
+            reject(
+                well,
+                field,
+                group["path"].iloc[0],
+                f"plate {plate} well {well} field {field}: {len(group)} of {per_field} files "
+                "(channels x planes x time points) found; add the missing files",
+            )
+            continue
+        entries = [[row.path, int(row.t), int(row.channel), int(row.z)] for row in group.itertuples()]
+        wells.setdefault(str(well), []).append({"field": int(field), "files": entries})
+    empty = sorted(set(platemap_wells) - set(wells))
+    if empty:
+        raise DiscoveryError(f"plate {plate}: every field of well(s) {', '.join(empty)} was skipped as bad")
+
+    recorded = sorted({header["pixel_size_um"] for header in readable} - {None})
+    from_metadata = len(recorded) == 1
+    field_shape = [
+        counts["t"] * file_shape[0],
+        counts["channel"] * file_shape[1],
+        counts["z"] * file_shape[2],
+        file_shape[3],
+        file_shape[4],
+    ]
     return {
         "plate": plate,
         "wells": wells,
-        "n_fields": n_fields,
-        "n_channels": n_channels,
-        "shape": reference["shape"],
-        "dtype": reference["dtype"],
-        "axes": reference["axes"],
-        "n_files": int(len(files)),
+        "shape": field_shape,
+        "file_shape": list(file_shape),
+        "dtype": dtype,
+        "pixel_size_um": recorded[0] if from_metadata else pixel_size_um,
+        "pixel_size_source": "OME-TIFF metadata" if from_metadata else "config",
+        "n_fields": int(files["field"].max()) + 1,
+        "n_channels": field_shape[1],
+        "n_z": field_shape[2],
+        "n_t": field_shape[0],
+        "n_files": int(sum(len(field["files"]) for fields in wells.values() for field in fields)),
         "unexpected_wells": unexpected,
         "unmatched_files": unmatched,
+        "skipped": skipped,
     }

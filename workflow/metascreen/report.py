@@ -164,6 +164,7 @@ def render_plate_report(
     provenance: Mapping[str, Any],
     positive_class: str,
     negative_class: str,
+    skipped_fields: pd.DataFrame | None = None,
 ) -> str:
     """Render the self-contained HTML report of one plate.
 
@@ -193,6 +194,9 @@ def render_plate_report(
         Rendered as a definition list; nested values as JSON.
     positive_class, negative_class
         Class names.
+    skipped_fields
+        Fields left out at ingest (columns well, field, file, reason), shown in the
+        quality-control section.
 
     Returns
     -------
@@ -223,7 +227,7 @@ def render_plate_report(
     sections = [
         _summary_section(plate, wells, plate_cells, positive_class, negative_class),
         _layout_section(wells, positive_class),
-        _qc_section(wells),
+        _qc_section(wells, skipped_fields),
         _samples_section(per_sample, samples, plate_cells, positive_class),
         _wells_section(wells),
         _evaluation_section(evaluation, positive_class, negative_class),
@@ -344,16 +348,28 @@ def _layout_section(wells: pd.DataFrame, positive_class: str) -> str:
     )
 
 
-def _qc_section(wells: pd.DataFrame) -> str:
-    """Wells with QC flags."""
+def _qc_section(wells: pd.DataFrame, skipped_fields: pd.DataFrame | None) -> str:
+    """Wells with QC flags, and fields skipped at ingest."""
+    parts = ["<h2>Quality control</h2>"]
     flagged = wells[wells["qc_flags"] != ""]
     if flagged.empty:
-        return "<h2>Quality control</h2>\n<p>All wells passed quality control.</p>"
-    columns = [c for c in ("well", "sample", "condition", "n_cells", "qc_flags") if c in wells]
-    return "<h2>Quality control</h2>\n" + _table(
-        flagged[columns],
-        caption=f"{len(flagged)} flagged well(s); they are left out of the per-sample summary.",
-    )
+        parts.append("<p>All wells passed quality control.</p>")
+    else:
+        columns = [c for c in ("well", "sample", "condition", "n_cells", "qc_flags") if c in wells]
+        parts.append(
+            _table(
+                flagged[columns],
+                caption=f"{len(flagged)} flagged well(s); they are left out of the per-sample summary.",
+            )
+        )
+    if skipped_fields is not None and not skipped_fields.empty:
+        parts.append(
+            _table(
+                skipped_fields[["well", "field", "file", "reason"]],
+                caption=f"{len(skipped_fields)} field(s) skipped at ingest (ingest.bad_files: skip).",
+            )
+        )
+    return "\n".join(parts)
 
 
 def _samples_section(

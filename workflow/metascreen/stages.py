@@ -106,7 +106,13 @@ def plan(
     files, unmatched = discover.discover_files(images, pattern)
     wells = platemap.loc[platemap["plate"] == plate, "well"].tolist()
     layout = discover.plan_plate(
-        plate, files, unmatched, wells, unexpected_wells=settings["unexpected_wells"]
+        plate,
+        files,
+        unmatched,
+        wells,
+        unexpected_wells=settings["unexpected_wells"],
+        bad_files=settings["bad_files"],
+        pixel_size_um=settings["pixel_size_um"],
     )
     for well in layout["unexpected_wells"]:
         log.warning("plate %s: images of well %s are not in the plate map and are skipped", plate, well)
@@ -114,14 +120,22 @@ def plan(
         log.warning(
             "plate %s: %d files match no naming pattern, e.g. %s", plate, len(unmatched), unmatched[0]
         )
+    for entry in layout["skipped"]:
+        well, field, reason = entry["well"], entry["field"], entry["reason"]
+        log.warning("plate %s: skipped %s field %d: %s", plate, well, field, reason)
     log.info(
-        "plate %s: %d wells, %d fields, %d channels, %s %s per file, %d files",
+        "plate %s: %d wells, %d fields per well, %d channels, %d planes, %d time points, "
+        "%s %s per field, %g um pixels (%s), %d files",
         plate,
         len(layout["wells"]),
         layout["n_fields"],
         layout["n_channels"],
+        layout["n_z"],
+        layout["n_t"],
         layout["shape"],
         layout["dtype"],
+        layout["pixel_size_um"],
+        layout["pixel_size_source"],
         layout["n_files"],
     )
     ngff.create_plate(zarr_path, plate, list(layout["wells"]), layout["n_fields"])
@@ -139,18 +153,19 @@ def ingest_well(
 ) -> None:
     """Convert one well's TIFFs into the plate; write its manifest last."""
     layout = read_json(plan_path)
-    shape = layout["shape"]
-    shape_zyx = (int(np.prod(shape[:-2])) if len(shape) > 2 else 1, shape[-2], shape[-1])
     fields = layout["wells"][well]
     ngff.write_well(
         zarr_path,
         well,
         fields,
-        shape_zyx=shape_zyx,
+        field_shape=layout["shape"],
+        file_shape=layout["file_shape"],
         dtype=layout["dtype"],
         channel_names=settings["channel_names"],
-        pixel_size_um=settings["pixel_size_um"],
+        pixel_size_um=layout["pixel_size_um"],
         compression_level=settings["compression_level"],
+        chunk_yx=settings["chunk_size"],
+        shard=settings["shard"],
         num_workers=threads,
     )
     log.info("%s %s: %d fields written", layout["plate"], well, len(fields))
@@ -182,7 +197,7 @@ def segment_well(
         ngff.write_field_labels(zarr_path, well, field, labels)
         return int(labels.max())
 
-    fields = range(ngff.field_count(zarr_path, well))
+    fields = ngff.field_indices(zarr_path, well)
     with dask.config.set(scheduler="threads", num_workers=threads):
         counts = dask.compute(*[dask.delayed(segment_field)(field) for field in fields])
     log.info("%s: %d cells in %d fields", well, sum(counts), len(counts))
@@ -205,7 +220,7 @@ def measure_well(
     row ``crop_index`` of the table is the cell's crop.
     """
     tables, crops = [], []
-    for field in range(ngff.field_count(zarr_path, well)):
+    for field in ngff.field_indices(zarr_path, well):
         plane = np.asarray(_segmentation_plane(ngff.field_image(zarr_path, well, field), channel))
         labels = ngff.field_labels(zarr_path, well, field)
         table = measure.measure_cells(labels, plane)
@@ -341,16 +356,24 @@ def train(
         temperature=float(temperature),
         training_wells=sorted(wells["well_key"]),
         training_data_sha256=training.dataset_sha256(train_x, train_y, val_x, val_y),
-        metrics={key: metrics[key] for key in ("accuracy", "balanced_accuracy", "roc_auc", "ece")},
+        metrics={
+            **{key: metrics[key] for key in ("accuracy", "balanced_accuracy", "roc_auc", "ece")},
+            "baseline_accuracy": baseline_metrics["accuracy"],
+            "baseline_ece": baseline_metrics["ece"],
+        },
         package_versions=package_versions(PACKAGES),
         seed=settings["seed"],
     )
     sha256 = model.save_model(model_path, network, metadata)
     evaluation = {
         **metrics,
-        "baseline_accuracy": baseline_metrics["accuracy"],
-        "baseline_balanced_accuracy": baseline_metrics["balanced_accuracy"],
-        "baseline_roc_auc": baseline_metrics["roc_auc"],
+        # Flat baseline_* keys for tables and reports; the full metric set (reliability
+        # included) of the same held-out wells under "baseline".
+        **{
+            f"baseline_{key}": baseline_metrics[key]
+            for key in ("accuracy", "balanced_accuracy", "roc_auc", "ece", "nll", "confusion_matrix")
+        },
+        "baseline": baseline_metrics,
         "baseline_features": list(BASELINE_FEATURES),
         "temperature": float(temperature),
         "best_epoch": history["best_epoch"],
@@ -365,32 +388,46 @@ def train(
     }
     write_json(evaluation_path, evaluation)
     log.info(
-        "test accuracy %.3f (baseline %.3f), ROC-AUC %.3f, ECE %.3f",
+        "test accuracy %.3f (baseline %.3f), ROC-AUC %.3f (baseline %.3f), ECE %.3f (baseline %.3f)",
         metrics["accuracy"],
         baseline_metrics["accuracy"],
         metrics["roc_auc"],
+        baseline_metrics["roc_auc"],
         metrics["ece"],
+        baseline_metrics["ece"],
     )
 
 
 def import_model(
     source: str | Path, crop_settings: dict[str, Any], model_path: str | Path, evaluation_path: str | Path
 ) -> None:
-    """Check a model trained elsewhere against this run's crops and copy it into the results."""
+    """Check a model trained elsewhere against this run's crops and copy it into the results.
+
+    The model (``train.model``) must be a metascreen safetensors file; its metadata is read
+    from the file's own header, so a missing or stale ``.json`` sidecar beside it is not an
+    error (the sidecar in the results is rewritten from the header). A crop size or channel
+    count that differs from ``measure.crop_size`` / ``measure.with_mask`` stops the run.
+    """
     from metascreen import model
 
+    source = Path(source)
     channels = 2 if crop_settings["with_mask"] else 1
-    _, metadata = model.load_model(
-        source, expected_crop_size=crop_settings["crop_size"], expected_channels=channels
-    )
-    with atomic_path(Path(model_path).with_suffix(".json")) as partial:
-        shutil.copyfile(Path(source).with_suffix(".json"), partial)
+    try:
+        _, metadata = model.load_model(
+            source, expected_crop_size=crop_settings["crop_size"], expected_channels=channels
+        )
+    except (FileNotFoundError, ValueError) as error:
+        raise type(error)(
+            f"train.model {source} cannot classify this run's crops "
+            f"(measure.crop_size={crop_settings['crop_size']}, measure.with_mask="
+            f"{str(crop_settings['with_mask']).lower()}): {error}"
+        ) from error
     with atomic_path(model_path) as partial:
         shutil.copyfile(source, partial)
-    write_json(
-        evaluation_path,
-        {**metadata.metrics, "source": str(source), "model_sha256": model.file_sha256(model_path)},
-    )
+    sha256 = model.file_sha256(model_path)
+    sidecar = {**metadata.to_dict(), "weights_file": Path(model_path).name, "weights_sha256": sha256}
+    write_json(Path(model_path).with_suffix(".json"), sidecar)
+    write_json(evaluation_path, {**metadata.metrics, "source": str(source), "model_sha256": sha256})
 
 
 # ---------------------------------------------------------------- classification
@@ -519,10 +556,11 @@ def report_plate(
     cells = pd.read_parquet(cell_table)
     per_well = pd.read_parquet(per_well_path)
     per_sample = pd.read_parquet(per_sample_path)
+    layout = read_json(plan_path)
     provenance = {
         "metascreen": __version__,
         "model_sha256": model.file_sha256(model_path),
-        "input_files": read_json(plan_path)["n_files"],
+        "input_files": layout["n_files"],
         "package_versions": package_versions(PACKAGES),
         "config": config,
     }
@@ -536,6 +574,7 @@ def report_plate(
         provenance=provenance,
         positive_class=config["classes"]["positive"],
         negative_class=config["classes"]["negative"],
+        skipped_fields=pd.DataFrame(layout["skipped"], columns=["well", "field", "file", "reason"]),
     )
     with atomic_path(output_path) as partial:
         partial.write_text(html, encoding="utf-8")
