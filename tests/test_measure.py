@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage as ndi
 from skimage.draw import disk, ellipse
 from skimage.measure import regionprops
 
 from metascreen.measure import (
     COLUMNS,
     FEATURE_COLUMNS,
+    PERCENTILES,
     extract_crops,
     measure_cells,
     normalise_field,
@@ -61,6 +63,40 @@ def test_values_equal_regionprops(shapes):
         assert (row["centroid_y"], row["centroid_x"]) == pytest.approx(region.centroid)
         bbox = tuple(row[["bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"]])
         assert bbox == region.bbox
+
+
+def test_percentiles_and_texture_equal_their_definitions(shapes):
+    labels, image = shapes
+    image = image.astype(np.uint16)  # integer images too
+    table = measure_cells(labels, image).set_index("label")
+    gradient = np.hypot(ndi.sobel(image.astype(float), 0), ndi.sobel(image.astype(float), 1)) / 8.0
+    for region in regionprops(labels, intensity_image=image):
+        row = table.loc[region.label]
+        pixels = region.image_intensity[region.image]
+        assert row["intensity_mean"] == pytest.approx(region.intensity_mean, rel=1e-12)
+        assert row["intensity_std"] == pytest.approx(region.intensity_std, rel=1e-12)
+        for q in PERCENTILES:
+            assert row[f"intensity_p{q}"] == pytest.approx(np.percentile(pixels, q), rel=1e-12)
+        expected = gradient[labels == region.label].mean() / region.intensity_mean
+        assert row["texture_gradient"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_intensity_features_of_known_values():
+    labels = np.zeros((40, 40), np.int32)
+    labels[5:15, 5:15] = 1  # flat: no texture
+    labels[20:30, 20:30] = 2  # a ramp of slope 2 per column
+    labels[0:3, 30:33] = 3  # zero intensity: relative texture undefined
+    image = np.full(labels.shape, 100.0)
+    image[18:32, 18:32] = 50.0 + 2.0 * np.arange(14)[None, :]
+    image[labels == 3] = 0.0
+    table = measure_cells(labels, image).set_index("label")
+    assert table.loc[1, ["intensity_p10", "intensity_p50", "intensity_p90"]].tolist() == [100.0] * 3
+    assert table.loc[1, "texture_gradient"] == 0.0
+    values = image[labels == 2]
+    assert table.loc[2, "intensity_p50"] == np.median(values)
+    assert table.loc[2, "texture_gradient"] == pytest.approx(2.0 / values.mean())
+    assert table.loc[3, "texture_gradient"] == 0.0  # undefined: 0, never NaN
+    assert {"intensity_p10", "intensity_p50", "intensity_p90", "texture_gradient"} <= set(FEATURE_COLUMNS)
 
 
 def test_aspect_ratio_and_elongation_of_known_shapes():

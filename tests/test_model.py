@@ -242,3 +242,59 @@ def test_load_model_auto_device_on_cpu(tmp_path, trained_like_model: CellCNN, mo
     net, meta = load_model(path, device="auto")
     assert next(net.parameters()).device == torch.device("cpu")
     assert math.isclose(meta.temperature, 1.5)
+
+
+# ----------------------------------------------------------- a model trained elsewhere
+
+
+def test_import_model_copies_a_matching_model(tmp_path, trained_like_model: CellCNN) -> None:
+    from metascreen import stages
+
+    source = tmp_path / "elsewhere" / "model.safetensors"
+    save_model(source, trained_like_model, _metadata(metrics={"accuracy": 0.95}))
+    source.with_suffix(".json").unlink()  # the header alone is enough
+    target = tmp_path / "results" / "model.safetensors"
+    stages.import_model(
+        source, {"crop_size": 32, "with_mask": True}, target, tmp_path / "results" / "evaluation.json"
+    )
+    assert file_sha256(target) == file_sha256(source)
+    sidecar = json.loads(target.with_suffix(".json").read_text())
+    assert sidecar["weights_sha256"] == file_sha256(target) and sidecar["crop_size"] == 32
+    evaluation = json.loads((tmp_path / "results" / "evaluation.json").read_text())
+    assert evaluation["accuracy"] == 0.95 and evaluation["source"] == str(source)
+    net, _ = load_model(target, expected_crop_size=32, expected_channels=2)
+    x = torch.randn(3, 2, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net(x), trained_like_model(x))
+
+
+@pytest.mark.parametrize(
+    ("crop_settings", "message"),
+    [
+        ({"crop_size": 64, "with_mask": True}, r"measure.crop_size=64.*Crop size mismatch.*trained on 32x32"),
+        ({"crop_size": 32, "with_mask": False}, r"with_mask=false.*Channel mismatch.*1 channel.*expects 2"),
+    ],
+)
+def test_import_model_refuses_mismatched_crops(
+    tmp_path, trained_like_model: CellCNN, crop_settings: dict, message: str
+) -> None:
+    from metascreen import stages
+
+    source = tmp_path / "model.safetensors"
+    save_model(source, trained_like_model, _metadata())
+    target = tmp_path / "results" / "model.safetensors"
+    with pytest.raises(ValueError, match=message):
+        stages.import_model(source, crop_settings, target, tmp_path / "results" / "evaluation.json")
+    assert not target.exists() and not (tmp_path / "results" / "evaluation.json").exists()
+
+
+def test_import_model_names_a_missing_file(tmp_path) -> None:
+    from metascreen import stages
+
+    with pytest.raises(FileNotFoundError, match=r"train.model .*absent.safetensors"):
+        stages.import_model(
+            tmp_path / "absent.safetensors",
+            {"crop_size": 32, "with_mask": True},
+            tmp_path / "m.safetensors",
+            tmp_path / "e.json",
+        )

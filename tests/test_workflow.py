@@ -12,6 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+import zarr
+from ome_zarr_models.v05.hcs import HCS
+from ome_zarr_models.v05.image import Image
 
 from .conftest import ROOT
 
@@ -91,6 +94,10 @@ def test_outputs_follow_the_contract(finished_run):
     for key in ("accuracy", "balanced_accuracy", "roc_auc", "ece", "baseline_accuracy"):
         assert 0 <= evaluation[key] <= 1
     assert (results / "model" / "model.safetensors").stat().st_size > 0
+    plate = results / "demo" / "demo.ome.zarr"
+    HCS.from_zarr(zarr.open_group(str(plate), mode="r"))
+    field = Image.from_zarr(zarr.open_group(str(plate / "A" / "01" / "0"), mode="r"))
+    assert field.labels is not None
     html = (results / "demo" / "report.html").read_text()
     assert "<img" in html and "http://" not in html
 

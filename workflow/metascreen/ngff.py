@@ -155,13 +155,15 @@ def read_field(
     ``entries`` are ``[path, t, c, z]``: the file's position along the axes that the file
     names enumerate; each file holds a ``file_shape`` block (its own pages' t, c, z).
     """
-    field = np.empty(field_shape, dtype=dtype)
+    field = np.empty(field_shape, dtype=dtype) if len(entries) > 1 else None
     blocks = file_shape[:3]
     for path, *position in entries:
         try:
             pixels = read_tiff_tczyx(path)
         except Exception as error:  # a file damaged after planning must name itself
             raise OSError(f"{path}: cannot read pixels ({error}); re-export or remove it") from error
+        if field is None:  # one file holds the whole field: no copy
+            return pixels
         where = tuple(
             slice(index * size, (index + 1) * size) for index, size in zip(position, blocks, strict=True)
         )

@@ -60,6 +60,7 @@ _METRICS = (
     ("baseline_accuracy", "baseline accuracy"),
     ("baseline_balanced_accuracy", "baseline balanced accuracy"),
     ("baseline_roc_auc", "baseline ROC AUC"),
+    ("baseline_ece", "baseline ECE"),
 )
 _EVALUATION_PLOTTED = {"confusion_matrix", "reliability"}
 

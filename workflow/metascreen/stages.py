@@ -188,12 +188,18 @@ def segment_well(
     manifest_path: str | Path,
     threads: int = 1,
 ) -> None:
-    """Segment every field of a well (fields in parallel) and store NGFF labels."""
-    parameters = {key: value for key, value in settings.items() if key != "channel"}
+    """Segment every field of a well (fields in parallel) and store NGFF labels.
+
+    ``settings`` is the config's ``segment`` section: the backend ``method`` of
+    :data:`metascreen.segment.SEGMENTERS` (default ``label_free``) is called with the
+    parameters under the key of its name.
+    """
+    method = settings["method"]
+    parameters = settings[method]
 
     def segment_field(field: int) -> int:
         plane = _segmentation_plane(ngff.field_image(zarr_path, well, field), settings["channel"])
-        labels = segmentation.segment_label_free(np.asarray(plane.compute(scheduler="sync")), **parameters)
+        labels = segmentation.segment(np.asarray(plane.compute(scheduler="sync")), method, **parameters)
         ngff.write_field_labels(zarr_path, well, field, labels)
         return int(labels.max())
 

@@ -61,6 +61,14 @@ def settings_json(section, drop=()):
     )
 
 
+def segment_settings():
+    """The segment section with only the chosen backend's parameters: changing another
+    backend's parameters reruns nothing."""
+    method = config["segment"]["method"]
+    settings = {key: config["segment"][key] for key in ("channel", "method", method)}
+    return json.dumps(settings, sort_keys=True)
+
+
 def zarr_path(wildcards):
     return f"results/{wildcards.plate}/{wildcards.plate}.ome.zarr"
 

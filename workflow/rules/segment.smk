@@ -13,7 +13,7 @@ rule segment_well:
         runtime=30,
     params:
         zarr=zarr_path,
-        settings=settings_json("segment"),
+        settings=segment_settings(),
     shell:
         "python -m metascreen segment --zarr {params.zarr} --well {wildcards.well} "
         "--settings {params.settings:q} --manifest {output} --threads {threads} 2> {log}"
