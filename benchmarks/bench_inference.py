@@ -49,14 +49,7 @@ def _write_crops(path: Path, rng: np.random.Generator) -> np.ndarray:
     flip = rng.random(N_CROPS) < 0.5
     crops[flip] = crops[flip][..., ::-1]
     crops[:, 0] += rng.normal(0.0, 0.05, crops[:, 0].shape).astype(np.float32)
-    array = zarr.create_array(
-        store=str(path),
-        shape=crops.shape,
-        chunks=(stages.CROP_CHUNK, *crops.shape[1:]),
-        dtype="float32",
-        zarr_format=3,
-    )
-    array[...] = crops
+    stages.write_crops(path, crops, {})
     return crops
 
 

@@ -19,9 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import zarr
 
-from metascreen import config, measure, stages, synth
+from metascreen import config, stages, synth
 from metascreen.segment import segment_label_free
 
 WELLS_PER_CLASS = 4
@@ -45,34 +44,15 @@ def _defaults(section: str) -> dict:
 def _write_well(tmp_path, well: str, positive: bool, crop_settings: dict) -> tuple:
     """Render, segment, measure and crop one pure well; write its table and crops."""
     rng = np.random.default_rng([int(positive), int(well[1:]), 2026])
-    tables, crops = [], []
+    fields = []
     for field in range(FIELDS_PER_WELL):
         image, _, _ = synth.render_field(
             rng, fraction_positive=float(positive), shape=FIELD_SHAPE, n_cells=CELLS_PER_FIELD
         )
-        labels = segment_label_free(image)
-        table = measure.measure_cells(labels, image)
-        crops.append(
-            measure.extract_crops(
-                image, labels, table, size=crop_settings["crop_size"], with_mask=crop_settings["with_mask"]
-            )
-        )
-        table.insert(0, "field", field)
-        tables.append(table)
-    cells = pd.concat(tables, ignore_index=True)
-    cells.insert(0, "well", well)
-    cells.insert(0, "plate", "synth")
-    cells["crop_index"] = np.arange(len(cells))
+        fields.append((field, image, segment_label_free(image)))
+    cells, crops = stages.measure_fields(fields, "synth", well, crop_settings)
     table_path, crops_path = tmp_path / f"{well}.parquet", tmp_path / f"{well}.zarr"
-    stacked = np.concatenate(crops)
-    array = zarr.create_array(
-        store=str(crops_path),
-        shape=stacked.shape,
-        chunks=(stages.CROP_CHUNK, *stacked.shape[1:]),
-        dtype="float32",
-        zarr_format=3,
-    )
-    array[...] = stacked
+    stages.write_crops(crops_path, crops, {})
     stages.write_table(cells, table_path)
     return table_path, crops_path
 

@@ -211,24 +211,16 @@ def segment_well(
 
 
 # ---------------------------------------------------------------- measurement and crops
-def measure_well(
-    zarr_path: str | Path,
-    plate: str,
-    well: str,
-    settings: dict[str, Any],
-    channel: int,
-    table_path: str | Path,
-    crops_path: str | Path,
-) -> None:
-    """Measure every cell of a well and store its fixed-size crops.
+def measure_fields(
+    fields: Sequence[tuple[int, np.ndarray, np.ndarray]], plate: str, well: str, settings: dict[str, Any]
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Per-cell table and crops of a well's ``(field, image, labels)`` planes.
 
-    The crops are one zarr array ``(n_cells, channels, size, size)`` chunked along cells;
-    row ``crop_index`` of the table is the cell's crop.
+    Returns the table (plate, well, field, label, features, ``crop_index``) and the
+    crops ``(n_cells, channels, size, size)``; row ``crop_index`` is the cell's crop.
     """
     tables, crops = [], []
-    for field in ngff.field_indices(zarr_path, well):
-        plane = np.asarray(_segmentation_plane(ngff.field_image(zarr_path, well, field), channel))
-        labels = ngff.field_labels(zarr_path, well, field)
+    for field, plane, labels in fields:
         table = measure.measure_cells(labels, plane)
         crops.append(
             measure.extract_crops(
@@ -241,27 +233,50 @@ def measure_well(
     cells.insert(0, "well", well)
     cells.insert(0, "plate", plate)
     cells["crop_index"] = np.arange(len(cells), dtype=np.int64)
-    stacked = np.concatenate(crops)
+    return cells, np.concatenate(crops)
 
-    with atomic_path(crops_path) as partial:
+
+def write_crops(path: str | Path, crops: np.ndarray, attributes: dict[str, Any]) -> None:
+    """Store crops atomically as one zarr array chunked along cells (read lazily by classify)."""
+    with atomic_path(path) as partial:
         array = zarr.create_array(
             store=str(partial),
-            shape=stacked.shape,
-            chunks=(CROP_CHUNK, *stacked.shape[1:]),
+            shape=crops.shape,
+            chunks=(CROP_CHUNK, *crops.shape[1:]),
             dtype="float32",
             zarr_format=3,
         )
-        array[...] = stacked
-        array.attrs.update(
-            {
-                "plate": plate,
-                "well": well,
-                "crop_size": settings["crop_size"],
-                "channels": ["image", "mask"] if settings["with_mask"] else ["image"],
-            }
+        array[...] = crops
+        array.attrs.update(attributes)
+
+
+def measure_well(
+    zarr_path: str | Path,
+    plate: str,
+    well: str,
+    settings: dict[str, Any],
+    channel: int,
+    table_path: str | Path,
+    crops_path: str | Path,
+) -> None:
+    """Measure every cell of a well and store its fixed-size crops (see :func:`measure_fields`)."""
+    fields = [
+        (
+            field,
+            np.asarray(_segmentation_plane(ngff.field_image(zarr_path, well, field), channel)),
+            ngff.field_labels(zarr_path, well, field),
         )
+        for field in ngff.field_indices(zarr_path, well)
+    ]
+    cells, crops = measure_fields(fields, plate, well, settings)
+    channels = ["image", "mask"] if settings["with_mask"] else ["image"]
+    write_crops(
+        crops_path,
+        crops,
+        {"plate": plate, "well": well, "crop_size": settings["crop_size"], "channels": channels},
+    )
     write_table(cells, table_path)
-    log.info("%s %s: %d cells measured, crops %s", plate, well, len(cells), stacked.shape)
+    log.info("%s %s: %d cells measured, crops %s", plate, well, len(cells), crops.shape)
 
 
 # ---------------------------------------------------------------- training
