@@ -53,22 +53,15 @@ def test_presets_parse_vendor_names(name, preset, expected):
     assert (discover.normalise_well(groups["well"]), int(groups["field"]), int(groups["channel"])) == expected
 
 
-def test_user_regex_needs_named_groups():
+def test_user_regex_needs_named_groups(tmp_path):
     with pytest.raises(discover.DiscoveryError, match="named groups"):
         discover.naming_pattern("regex", r"(?P<well>\w+)\.tif")
     pattern = discover.naming_pattern(
         "regex", r"r(?P<row>\d+)c(?P<col>\d+)f(?P<field>\d+)-ch(?P<channel>\d+)\.tiff"
     )
-    files, _ = discover.discover_files(_touch(pattern, "r02c03f01-ch1.tiff"), pattern)
+    tifffile.imwrite(tmp_path / "r02c03f01-ch1.tiff", np.zeros((4, 4), np.uint8))
+    files, _ = discover.discover_files(tmp_path, pattern)
     assert files["well"].tolist() == ["B03"]
-
-
-def _touch(_pattern, name: str) -> Path:
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp())
-    tifffile.imwrite(folder / name, np.zeros((4, 4), np.uint8))
-    return folder
 
 
 def test_plan_reports_layout_and_unexpected_wells(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from metascreen import files as files_module
 from metascreen import model as model_module
 from metascreen.model import (
     CellCNN,
@@ -181,20 +182,20 @@ def test_save_refuses_metadata_of_another_architecture(tmp_path, trained_like_mo
 def test_failed_save_leaves_previous_file_intact(tmp_path, trained_like_model: CellCNN, monkeypatch) -> None:
     path = tmp_path / "m.safetensors"
     first = save_model(path, trained_like_model, _metadata())
-    real_replace = model_module.os.replace
+    real_replace = files_module.os.replace
 
     def replace_then_die(src: str, dst: str) -> None:
         if str(dst).endswith(".safetensors"):
             raise KeyboardInterrupt  # a kill just before the weights are renamed
         real_replace(src, dst)
 
-    monkeypatch.setattr(model_module.os, "replace", replace_then_die)
+    monkeypatch.setattr(files_module.os, "replace", replace_then_die)
     with torch.no_grad():
         trained_like_model.head.bias.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
         save_model(path, trained_like_model, _metadata())
     assert file_sha256(path) == first
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
 
 
 def test_metadata_validation_and_numpy_coercion() -> None:

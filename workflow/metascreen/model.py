@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import numbers
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from metascreen.files import atomic_path
 from metascreen.versions import package_versions
 
 __all__ = [
@@ -276,23 +276,6 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename over ``path``.
-
-    A kill at any moment leaves either the old file or the complete new one, never a
-    truncated file under the final name.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_model(path: str | Path, model: CellCNN, metadata: ModelMetadata) -> str:
     """Save weights (safetensors) with the metadata in the header and a sidecar JSON.
 
@@ -332,10 +315,10 @@ def save_model(path: str | Path, model: CellCNN, metadata: ModelMetadata) -> str
     sha256 = hashlib.sha256(weights).hexdigest()
     sidecar = {**meta_dict, "weights_file": path.name, "weights_sha256": sha256}
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(
-        path.with_suffix(".json"), (json.dumps(sidecar, indent=2, allow_nan=False) + "\n").encode()
-    )
-    _write_atomically(path, weights)
+    with atomic_path(path.with_suffix(".json")) as partial:
+        partial.write_text(json.dumps(sidecar, indent=2, allow_nan=False) + "\n")
+    with atomic_path(path) as partial:
+        partial.write_bytes(weights)
     return sha256
 
 
@@ -367,6 +350,33 @@ def select_device(preference: str | torch.device = "auto") -> torch.device:
     raise ValueError(f"Unknown device {preference!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
 
 
+def read_metadata(path: str | Path) -> ModelMetadata:
+    """A model file's metadata from its safetensors header, without reading the weights.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        If the file is missing, not safetensors, or not written by :func:`save_model`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Model file {path} does not exist; train a model first.")
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
+            header = handle.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types for bad headers
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({error}); metascreen only loads "
+            "models saved by metascreen.model.save_model (pickled checkpoints are refused)."
+        ) from error
+    if METADATA_KEY not in header:
+        raise ValueError(
+            f"{path} has no '{METADATA_KEY}' metadata in its safetensors header; it was not "
+            "written by metascreen.model.save_model."
+        )
+    return ModelMetadata.from_dict(json.loads(header[METADATA_KEY]))
+
+
 def load_model(
     path: str | Path,
     *,
@@ -394,23 +404,7 @@ def load_model(
     metadata : ModelMetadata
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Model file {path} does not exist; train a model first.")
-    try:
-        with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
-            header = handle.metadata() or {}
-            state = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as error:  # safetensors raises its own error types for bad headers
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({error}); metascreen only loads "
-            "models saved by metascreen.model.save_model (pickled checkpoints are refused)."
-        ) from error
-    if METADATA_KEY not in header:
-        raise ValueError(
-            f"{path} has no '{METADATA_KEY}' metadata in its safetensors header; it was not "
-            "written by metascreen.model.save_model."
-        )
-    metadata = ModelMetadata.from_dict(json.loads(header[METADATA_KEY]))
+    metadata = read_metadata(path)
     if expected_crop_size is not None and expected_crop_size != metadata.crop_size:
         raise ValueError(
             f"Crop size mismatch: the data has {expected_crop_size}x{expected_crop_size} "
@@ -424,6 +418,8 @@ def load_model(
             f"{path} expects {metadata.in_channels} {metadata.channels}; extract crops with "
             "these channels or use a model trained on the data's channels."
         )
+    with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
     model = CellCNN(metadata.in_channels, width=metadata.width, depth=metadata.depth)
     try:
         model.load_state_dict(state, strict=True)

@@ -7,12 +7,9 @@ that looks complete; the small JSON manifests the rules track are written last.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ import zarr
 
 from metascreen import __version__, aggregate, discover, measure, ngff
 from metascreen import segment as segmentation
+from metascreen.files import atomic_path, read_json, write_json, write_table
 from metascreen.versions import package_versions
 
 log = logging.getLogger("metascreen")
@@ -35,58 +33,6 @@ PACKAGES = ("metascreen", "numpy", "dask", "zarr", "ome-zarr", "tifffile", "scik
 # Features of the logistic-regression baseline: all of measure's shape and intensity
 # features but the orientation, which says where a cell points, not what it is.
 BASELINE_FEATURES = tuple(name for name in measure.FEATURE_COLUMNS if name != "orientation")
-
-
-# ---------------------------------------------------------------- atomic writes
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a hidden temporary sibling of ``path``; rename it to ``path`` on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    if partial.is_dir():
-        shutil.rmtree(partial)
-    try:
-        yield partial
-    except BaseException:
-        if partial.is_dir():
-            shutil.rmtree(partial, ignore_errors=True)
-        else:
-            partial.unlink(missing_ok=True)
-        raise
-    if path.is_dir():
-        shutil.rmtree(path)
-    os.replace(partial, path)
-
-
-def write_json(path: str | Path, content: Any) -> None:
-    """Write JSON atomically."""
-    with atomic_path(path) as partial:
-        partial.write_text(json.dumps(content, indent=2, default=_json_default) + "\n", encoding="utf-8")
-
-
-def write_table(table: pd.DataFrame, path: str | Path) -> None:
-    """Write a table atomically as Parquet or CSV, by the file's suffix."""
-    with atomic_path(path) as partial:
-        if Path(path).suffix == ".parquet":
-            table.to_parquet(partial, index=False)
-        else:
-            table.to_csv(partial, index=False)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value)}")
-
-
-def read_json(path: str | Path) -> Any:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 # ---------------------------------------------------------------- plan and ingest
@@ -469,7 +415,7 @@ def classify_well(
     torch.set_num_threads(threads)
     cells = pd.read_parquet(table_path, columns=["plate", "well", "field", "label"])
     crops = da.from_zarr(zarr.open_array(str(crops_path), mode="r"))
-    _, metadata = model.load_model(model_path)
+    metadata = model.read_metadata(model_path)
     probability = inference.classify_crops(
         crops,
         model_path,
