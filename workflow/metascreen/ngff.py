@@ -8,6 +8,7 @@ an interrupted job never leaves a well or a label image that looks complete.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ import dask
 import dask.array as da
 import numpy as np
 import zarr
+import zarr.api.asynchronous
 from ome_zarr.format import FormatV05
 from ome_zarr.writer import (
     write_label_metadata,
@@ -25,6 +27,7 @@ from ome_zarr.writer import (
     write_well_metadata,
 )
 from zarr.codecs import BloscCodec
+from zarr.core.sync import sync  # runs a coroutine on the loop of zarr's synchronous API
 
 from metascreen.discover import read_tiff_tczyx
 
@@ -72,6 +75,18 @@ def downsample_nearest(labels: np.ndarray) -> np.ndarray:
     return labels[..., ::2, ::2]
 
 
+def _chunks(shape: Sequence[int], chunk_yx: int | None) -> tuple[int, ...]:
+    """One plane per chunk, or ``chunk_yx`` tiles of it."""
+    plane = shape[-2:] if chunk_yx is None else tuple(min(chunk_yx, edge) for edge in shape[-2:])
+    return (1, 1, 1, *plane)
+
+
+def _shards(shape: Sequence[int], chunk_yx: int | None) -> tuple[int, ...]:
+    """One shard per field: the field, rounded up to whole chunks."""
+    chunks = _chunks(shape, chunk_yx)
+    return tuple(-(-edge // chunk) * chunk for edge, chunk in zip(shape, chunks, strict=True))
+
+
 def _write_pyramid(
     group: zarr.Group,
     base: np.ndarray,
@@ -90,29 +105,38 @@ def _write_pyramid(
     level are grouped into one shard per field, which keeps the file count low.
     ``skip_empty_chunks`` leaves chunks that hold only zeros unwritten: worth it for
     labels of sparse fields, while for images the check costs ~40% of the write time.
+    All levels are created and written in one call on zarr's event loop: zarr's
+    per-call overhead holds the GIL, and one call per level kept a second thread idle.
     """
+    levels = [base]
+    for _ in factors:
+        levels.append(downsample(levels[-1]))
     codec = BloscCodec(cname="zstd", clevel=compression_level, shuffle="bitshuffle")
-    datasets, level = [], base
+
+    async def write_levels() -> None:
+        parent = await zarr.api.asynchronous.open_group(store=group.store, path=group.path, mode="r+")
+        arrays = await asyncio.gather(
+            *(
+                parent.create_array(
+                    f"s{index}",
+                    shape=level.shape,
+                    chunks=_chunks(level.shape, chunk_yx),
+                    shards=_shards(level.shape, chunk_yx) if shard else None,
+                    dtype=level.dtype,
+                    compressors=[codec],
+                    dimension_names=list(AXES),
+                    config={"write_empty_chunks": not skip_empty_chunks},
+                )
+                for index, level in enumerate(levels)
+            )
+        )
+        await asyncio.gather(
+            *(array.setitem(Ellipsis, level) for array, level in zip(arrays, levels, strict=True))
+        )
+
+    sync(write_levels())
+    datasets = []
     for index, factor in enumerate([1, *factors]):
-        if index:
-            level = downsample(level)
-        plane = (
-            level.shape[-2:] if chunk_yx is None else tuple(min(chunk_yx, edge) for edge in level.shape[-2:])
-        )
-        chunks = (1, 1, 1, *plane)
-        # a shard holds whole chunks: the field, rounded up to the chunk grid
-        shards = tuple(-(-edge // chunk) * chunk for edge, chunk in zip(level.shape, chunks, strict=True))
-        array = group.create_array(
-            f"s{index}",
-            shape=level.shape,
-            chunks=chunks,
-            shards=shards if shard else None,
-            dtype=level.dtype,
-            compressors=[codec],
-            dimension_names=list(AXES),
-            config={"write_empty_chunks": not skip_empty_chunks},
-        )
-        array[...] = level
         scale = [1.0, 1.0, 1.0, *(size * factor for size in pixel_size)]
         # a level's first pixel centre sits half a (coarse) pixel into the field
         translation = [0.0, 0.0, 0.0, *((factor - 1) * size / 2 for size in pixel_size)]
@@ -190,7 +214,7 @@ def write_well(
     dtype: str,
     channel_names: Sequence[str],
     pixel_size_um: float,
-    compression_level: int = 3,
+    compression_level: int = 1,
     chunk_yx: int | None = None,
     shard: bool = False,
     num_workers: int = 1,
