@@ -61,13 +61,14 @@ def downsample_mean(image: np.ndarray) -> np.ndarray:
     rows, cols = image.shape[-2] // 2 * 2, image.shape[-1] // 2 * 2
     image = image[..., :rows, :cols]
     wide = np.float64 if image.dtype.kind == "f" else np.int64 if image.itemsize > 2 else np.int32
-    total = image[..., 0::2, 0::2].astype(wide)
-    total += image[..., 1::2, 0::2]
-    total += image[..., 0::2, 1::2]
-    total += image[..., 1::2, 1::2]
+    # pairs of rows first (contiguous runs), then pairs of columns of the half-size sums
+    row_pairs = np.add(image[..., 0::2, :], image[..., 1::2, :], dtype=wide)
+    total = np.add(row_pairs[..., 0::2], row_pairs[..., 1::2])
     if image.dtype.kind == "f":
         return (total / 4).astype(image.dtype)
-    return ((total + 2) // 4).astype(image.dtype)
+    total += 2
+    total >>= 2  # an arithmetic shift: floor((sum + 2) / 4), i.e. the mean rounded half up
+    return total.astype(image.dtype)
 
 
 def downsample_nearest(labels: np.ndarray) -> np.ndarray:
