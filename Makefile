@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RUN := PATH=$(BIN):$$PATH
 DEMO := resources/demo
 
-.PHONY: setup demo demo-data test lint bench clean
+.PHONY: setup demo demo-data test test-cluster lint bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,16 @@ demo: setup demo-data
 
 test: setup
 	$(RUN) python -m pytest
+
+# The SLURM end to end on a one-node cluster of this machine (needs root: installs slurm-wlm).
+# The cluster is stopped whatever the outcome; SIGINT bounds the run (Snakemake then cancels its jobs).
+SLURM_TEST_DIR ?= /tmp/metascreen-slurm
+AS_ROOT := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-cluster: setup
+	$(AS_ROOT) env SLURM_TEST_DIR=$(SLURM_TEST_DIR) tests/cluster/slurm.sh start
+	$(RUN) METASCREEN_TEST_SLURM_PARTITION=test \
+		timeout -s INT 1800 python -m pytest tests/test_slurm.py; \
+		status=$$?; $(AS_ROOT) env SLURM_TEST_DIR=$(SLURM_TEST_DIR) tests/cluster/slurm.sh stop; exit $$status
 
 lint: setup
 	$(RUN) snakefmt --check Snakefile workflow/rules

@@ -25,8 +25,8 @@ def _json(text: str) -> Any:
     return json.loads(text)
 
 
-def _platemap(text: str) -> pd.DataFrame:
-    return pd.DataFrame.from_records(json.loads(text)).astype(str)
+def _platemap(path: str) -> pd.DataFrame:
+    return configuration.complete_platemap(configuration.read_platemap(path))
 
 
 def _add(subparsers: Any, name: str, help_text: str, *arguments: tuple[str, dict[str, Any]]) -> None:
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     many = {"required": True, "nargs": "+"}
     settings = ("--settings", {"required": True, "type": _json, "help": "settings as JSON"})
     threads = ("--threads", {"type": int, "default": 1})
-    platemap = ("--platemap", {"required": True, "type": _platemap, "help": "plate-map rows as JSON"})
+    platemap = ("--platemap", {"required": True, "type": _platemap, "help": "plate-map file (CSV or TSV)"})
 
     _add(
         commands,

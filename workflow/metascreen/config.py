@@ -126,10 +126,7 @@ def validate_platemap(platemap: pd.DataFrame, *, plates: list[str], classes: dic
             # +2: a header line, and people count rows from 1
             raise ConfigError(_one_line(error, f"platemap row {index + 2}"))
         rows.append(row)
-    table = pd.DataFrame(rows, columns=list(platemap.columns)).fillna("")
-    for column in PLATEMAP_COLUMNS:
-        if column not in table:
-            table[column] = ""
+    table = complete_platemap(pd.DataFrame(rows, columns=list(platemap.columns)).fillna(""))
 
     duplicated = table[table.duplicated(["plate", "well"], keep="first")]
     if not duplicated.empty:
@@ -151,4 +148,11 @@ def validate_platemap(platemap: pd.DataFrame, *, plates: list[str], classes: dic
             f"platemap: well {first.plate}/{first.well}: train_class {first.train_class!r} "
             f"is neither {classes['negative']!r} nor {classes['positive']!r}"
         )
-    return table.sort_values(["plate", "well"], ignore_index=True)
+    return table
+
+
+def complete_platemap(platemap: pd.DataFrame) -> pd.DataFrame:
+    """The plate map as jobs use it: every column (empty text where the file has none), rows
+    sorted by plate and well. Jobs apply it to the file that `validate_platemap` checked."""
+    missing = {column: "" for column in PLATEMAP_COLUMNS if column not in platemap}
+    return platemap.assign(**missing).sort_values(["plate", "well"], ignore_index=True)

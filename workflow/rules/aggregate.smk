@@ -17,7 +17,8 @@ rule collect_plate:
         mem_mb=mem_mb(4000),
         runtime=20,
     params:
-        platemap=lambda wildcards: platemap_json(wildcards.plate),
+        platemap=config["platemap"],
+        platemap_rows=lambda wildcards: platemap_digest(wildcards.plate),
         positive=config["classes"]["positive"],
     shell:
         "python -m metascreen collect --measurements {input.measurements} "
@@ -43,7 +44,8 @@ rule summarize:
         mem_mb=mem_mb(4000),
         runtime=20,
     params:
-        platemap=platemap_json(),
+        platemap=config["platemap"],
+        platemap_rows=platemap_digest(),
         settings=settings_json("aggregate"),
     shell:
         "python -m metascreen summarize --cells {input} --platemap {params.platemap:q} "

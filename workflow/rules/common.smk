@@ -1,4 +1,5 @@
 # Helpers of the rules: validated config and plate map, per-well input lists, rule settings.
+import hashlib
 import json
 import shlex
 from pathlib import Path
@@ -46,12 +47,18 @@ def training_wells():
     return list(zip(rows["plate"], rows["well"]))
 
 
-def platemap_json(plate=None, columns=None):
-    """Plate-map rows as JSON, for params: a job reruns when its rows change, not the file's date."""
+def platemap_digest(plate=None, columns=None):
+    """Digest of the plate-map rows (of one plate or all) and columns a job uses.
+
+    Jobs read the plate-map file itself (its path is a param): the rows inline would pass the
+    kernel's 128 KiB limit on one argument at a few 384-well plates. This digest, as a param, is
+    the job's rerun trigger: it reruns when its rows change, not when the file's date does.
+    """
     rows = PLATEMAP if plate is None else PLATEMAP[PLATEMAP["plate"] == plate]
     if columns is not None:
         rows = rows[columns]
-    return json.dumps(rows.to_dict(orient="records"), sort_keys=True)
+    text = json.dumps(rows.to_dict(orient="records"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def settings_json(section, drop=()):

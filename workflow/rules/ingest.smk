@@ -14,7 +14,10 @@ rule plan_plate:
         runtime=10,
     params:
         zarr=zarr_path,
-        platemap=lambda wildcards: platemap_json(wildcards.plate),
+        platemap=config["platemap"],
+        platemap_wells=lambda wildcards: platemap_digest(
+            wildcards.plate, columns=["plate", "well"]
+        ),
         settings=settings_json("ingest"),
     shell:
         "python -m metascreen plan --plate {wildcards.plate} --images {input.images:q} "

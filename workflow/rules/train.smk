@@ -41,12 +41,13 @@ else:
             mem_mb=mem_mb(4000),
             runtime=120,
         params:
-            training_wells=platemap_json(columns=["plate", "well", "train_class"]),
+            platemap=config["platemap"],
+            training_wells=platemap_digest(columns=["plate", "well", "train_class"]),
             classes=json.dumps(config["classes"], sort_keys=True),
             settings=settings_json("train", drop=("model",)),
             crop_settings=settings_json("measure"),
         shell:
             "python -m metascreen train --tables {input.tables} --crops {input.crops} "
-            "--platemap {params.training_wells:q} --classes {params.classes:q} "
+            "--platemap {params.platemap:q} --classes {params.classes:q} "
             "--settings {params.settings:q} --crop-settings {params.crop_settings:q} "
             "--model {output.model} --evaluation {output.evaluation} --threads {threads} 2> {log}"
