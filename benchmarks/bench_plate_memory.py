@@ -2,8 +2,8 @@
 
 Each job runs as the workflow runs it (``python -m metascreen ...``, its own process; peak RSS from
 ``wait4``). Per-well job: ingest of one well, whose plan lists every well of the plate. Plate-wide
-job: collect, which joins a plate's per-well measurement and prediction tables (synthetic,
-``CELLS_PER_WELL`` cells of ``FEATURES`` features each) into its per-cell table.
+job: collect, which joins a plate's per-well measurement, prediction and field QC tables (synthetic,
+``CELLS_PER_WELL`` cells of ``FEATURES`` features each) into its per-cell and field tables.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import tifffile
+
+from metascreen import config
 
 SIZES = (24, 384)
 FIELDS = 2
@@ -34,6 +36,7 @@ INGEST = {
     "bad_files": "error",
     "unexpected_wells": "warn",
 }
+QC = config.validate_config({"plates": {"plate": {"images": "images"}}, "platemap": "platemap.csv"})["qc"]
 
 
 def _wells(n: int) -> list[str]:
@@ -79,7 +82,7 @@ def _ingest_peak(workdir: Path, wells: list[str]) -> float:
 
 def _collect_peak(workdir: Path, wells: list[str]) -> float:
     rng = np.random.default_rng(0)
-    measurements, predictions = [], []
+    measurements, predictions, fields = [], [], []
     for well in wells:
         keys = pd.DataFrame(
             {"plate": "plate", "well": well, "field": 0, "label": np.arange(1, CELLS_PER_WELL + 1)}
@@ -93,6 +96,18 @@ def _collect_peak(workdir: Path, wells: list[str]) -> float:
         predictions.append(workdir / f"classify_{well}.parquet")
         pd.concat([keys, features], axis=1).to_parquet(measurements[-1])
         keys.assign(probability=probability, predicted_class=classes).to_parquet(predictions[-1])
+        fields.append(workdir / f"fields_{well}.parquet")
+        pd.DataFrame(
+            {
+                "plate": "plate",
+                "well": well,
+                "field": [0],
+                "n_cells": CELLS_PER_WELL,
+                "focus": rng.uniform(0.5, 1.0),
+                "saturated_fraction": 0.0,
+                "contrast": 0.1,
+            }
+        ).to_parquet(fields[-1])
     platemap = pd.DataFrame({"plate": "plate", "well": wells, "sample": "s", "train_class": ""})
     platemap.to_csv(workdir / "collect_platemap.csv", index=False)
     return _peak_rss_mb(
@@ -101,8 +116,11 @@ def _collect_peak(workdir: Path, wells: list[str]) -> float:
         *map(str, measurements),
         "--predictions",
         *map(str, predictions),
+        "--fields",
+        *map(str, fields),
         *("--platemap", "collect_platemap.csv", "--positive-class", "high_potential"),
-        *("--output", "cells.parquet"),
+        *("--qc", json.dumps(QC)),
+        *("--output", "cells.parquet", "--fields-output", "fields.parquet"),
         cwd=workdir,
     )
 

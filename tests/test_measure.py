@@ -11,9 +11,13 @@ from skimage.measure import regionprops
 
 from metascreen.measure import (
     COLUMNS,
+    CONTEXT_MARGIN,
     FEATURE_COLUMNS,
+    FIELD_QUALITY_COLUMNS,
+    FOCUS_SIGMA,
     PERCENTILES,
     extract_crops,
+    field_quality,
     measure_cells,
     normalise_field,
 )
@@ -195,9 +199,23 @@ def test_crops_are_centred_with_the_own_mask():
         assert rows.mean() - cell["centroid_y"] == pytest.approx(28 - np.floor(cell["centroid_y"] + 0.5))
         assert cols.mean() - cell["centroid_x"] == pytest.approx(28 - np.floor(cell["centroid_x"] + 0.5))
         np.testing.assert_allclose(crop[0][mask == 1], -2.0, atol=1e-3)
-    # the neighbour shows in cell 1's image channel but not in its mask
+    # cell 1's image channel shows cell 1 and its own background within CONTEXT_MARGIN px
     first = crops[0]
-    assert np.abs(first[0][(first[1] == 0) & (first[0] < -1)]).size > 100
+    r, c = np.floor(table.loc[0, ["centroid_y", "centroid_x"]].to_numpy() + 0.5).astype(int) - 28
+    crop_of = (slice(r, r + 56), slice(c, c + 56))
+    to_self = ndi.distance_transform_edt(labels != 1)[crop_of]
+    to_others = ndi.distance_transform_edt((labels == 0) | (labels == 1))[crop_of]
+    normalised = normalise_field(image, labels)[crop_of]
+    context = (to_self <= CONTEXT_MARGIN) & (to_self < to_others)
+    assert (context & (to_self > 0)).sum() > 100  # a ring of background
+    np.testing.assert_array_equal(first[0][context], normalised[context])
+    assert np.abs(first[0][context & (to_self > 0)]).max() < 0.5  # background ~0
+    # ... and nothing else: not the neighbour (which lies whole in the crop), nor what lies further
+    assert neighbour[crop_of].sum() == neighbour.sum() > 150
+    assert np.all(first[0][neighbour[crop_of]] == 0.0)
+    outside = (to_self > CONTEXT_MARGIN) | (to_others < to_self)
+    assert np.all(first[0][outside] == 0.0)
+    assert np.abs(normalised[outside & ~neighbour[crop_of]]).max() > 0  # there was something to blank
 
 
 def test_crop_image_channel_is_the_normalised_field():
@@ -243,3 +261,43 @@ def test_extract_crops_edge_cases():
         extract_crops(image, labels, pd.DataFrame({"label": [1]}))
     with pytest.raises(ValueError, match="size"):
         extract_crops(image, labels, measure_cells(labels, image), size=0)
+
+
+# ---------------------------------------------------------------- field_quality
+def _blob_field(blur: float) -> tuple[np.ndarray, np.ndarray]:
+    """A 96 x 96 uint16 field of 4 textured dark discs on a flat background, optionally blurred."""
+    rng = np.random.default_rng(0)
+    rows, cols = np.mgrid[:96, :96]
+    labels = np.zeros((96, 96), np.int32)
+    for label, (r, c) in enumerate([(24, 24), (24, 72), (72, 24), (72, 72)], start=1):
+        labels[(rows - r) ** 2 + (cols - c) ** 2 <= 12**2] = label
+    relative = np.where(labels > 0, -0.2 + 0.1 * rng.standard_normal((96, 96)), 0.0)
+    if blur:
+        relative = ndi.gaussian_filter(relative, blur)
+    return np.round(1000 * (1 + relative)).astype(np.uint16), labels
+
+
+def test_field_quality_of_known_fields():
+    image, labels = _blob_field(0)
+    quality = field_quality(image, labels)
+    assert list(quality) == list(FIELD_QUALITY_COLUMNS)
+    assert quality["n_cells"] == 4
+    relative = image / image.mean()
+    expected = np.mean(ndi.gaussian_gradient_magnitude(relative, FOCUS_SIGMA)[labels > 0] ** 2)
+    assert quality["focus"] == pytest.approx(expected)
+    assert quality["saturated_fraction"] == 0.0
+    assert quality["contrast"] == pytest.approx(image.std() / image.mean())
+    # Defocus lowers the focus several-fold; exposure does not change it.
+    assert field_quality(*_blob_field(4.0))["focus"] < 0.2 * quality["focus"]
+    assert field_quality(image * 3, labels)["focus"] == pytest.approx(quality["focus"])
+
+
+def test_field_quality_saturation_and_empty_fields():
+    image, labels = _blob_field(0)
+    image[:10] = np.iinfo(np.uint16).max
+    assert field_quality(image, labels)["saturated_fraction"] == pytest.approx(10 / 96)
+    # 12-bit data in uint16: the level is given.
+    assert field_quality(np.minimum(image, 4095), labels, saturation_level=4095)["saturated_fraction"] > 0.1
+    assert np.isnan(field_quality(image.astype(np.float32), labels)["saturated_fraction"])
+    black = field_quality(np.zeros((32, 32), np.uint16), np.zeros((32, 32), np.int32))
+    assert black["n_cells"] == 0 and np.isnan(black["focus"]) and black["contrast"] == 0.0

@@ -11,7 +11,14 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from metascreen.aggregate import per_plate_summary, per_sample_summary, per_well_summary
+from metascreen.aggregate import (
+    PER_PLATE_COLUMNS,
+    cell_table,
+    field_table,
+    per_plate_summary,
+    per_sample_summary,
+    per_well_summary,
+)
 from metascreen.report import (
     figure_to_data_uri,
     infer_plate_format,
@@ -92,6 +99,11 @@ def parse(page: str) -> PageParser:
 
 @pytest.fixture(scope="module")
 def tables() -> dict[str, pd.DataFrame]:
+    return build_tables()
+
+
+def build_tables() -> dict[str, pd.DataFrame]:
+    """Plate P1: B02 has a second, out-of-focus field of 5 cells; C03 an empty field; D05 7 cells."""
     rng = np.random.default_rng(0)
     platemap = pd.DataFrame(
         {
@@ -103,32 +115,53 @@ def tables() -> dict[str, pd.DataFrame]:
             "train_class": "",
         }
     )
-    n_cells = {"B02": 30, "B03": 25, "C02": 40, "C03": 0, "D05": 7}
+    n_cells = {("P1", "B02", 0): 30, ("P1", "B02", 1): 5, ("P1", "B03", 0): 25, ("P1", "C02", 0): 40}
+    n_cells |= {("P1", "C03", 0): 0, ("P1", "D05", 0): 7, ("P2", "B02", 0): 22, ("P2", "B03", 0): 22}
     frames = []
-    for row in platemap.itertuples():
-        n = n_cells[row.well] if row.plate == "P1" else 22
+    for (plate, well, field), n in n_cells.items():
         probability = rng.uniform(0, 1, n)
         frames.append(
             pd.DataFrame(
                 {
-                    "plate": row.plate,
-                    "well": row.well,
-                    "field": 0,
+                    "plate": plate,
+                    "well": well,
+                    "field": field,
                     "label": np.arange(1, n + 1),
-                    "sample": row.sample,
                     "area": rng.uniform(200, 900, n),
                     "elongation": rng.uniform(0, 0.9, n),
                     "probability": probability,
-                    "is_positive": probability >= 0.5,
+                    "predicted_class": np.where(probability >= 0.5, "high_potential", "low_potential"),
                 }
             )
         )
-    cells = pd.concat(frames, ignore_index=True)
+    stage_cells = pd.concat(frames, ignore_index=True)
+    raw_fields = pd.DataFrame(
+        [
+            {
+                "plate": plate,
+                "well": well,
+                "field": field,
+                "n_cells": n,
+                "focus": np.nan if n == 0 else 0.1 if field else 1.0,
+            }
+            for (plate, well, field), n in n_cells.items()
+        ]
+    ).assign(saturated_fraction=0.0, contrast=0.05)
+    fields = field_table(raw_fields)
+    keys = ["plate", "well", "field", "label"]
+    cells = cell_table(
+        stage_cells[[*keys, "area", "elongation"]],
+        stage_cells[[*keys, "probability", "predicted_class"]],
+        platemap,
+        fields,
+        positive_class="high_potential",
+    )
     return {
         "cells": cells,
-        "per_well": per_well_summary(cells, platemap, min_cells=20),
-        "per_sample": per_sample_summary(cells, platemap, n_bootstrap=200, min_cells=20),
-        "per_plate": per_plate_summary(cells, platemap),
+        "fields": fields,
+        "per_well": per_well_summary(cells, fields, platemap, min_cells=20),
+        "per_sample": per_sample_summary(cells, fields, platemap, n_bootstrap=200, min_cells=20),
+        "per_plate": per_plate_summary(cells, fields, platemap, min_cells=20),
     }
 
 
@@ -163,12 +196,13 @@ PROVENANCE = {
 }
 
 
-def _render(tables, **changes) -> str:
+def render_page(tables, **changes) -> str:
     arguments = dict(
         plate="P1",
         per_well=tables["per_well"],
         per_sample=tables["per_sample"],
         cells=tables["cells"],
+        fields=tables["fields"],
         evaluation=EVALUATION,
         gallery=GALLERY,
         provenance=PROVENANCE,
@@ -180,7 +214,7 @@ def _render(tables, **changes) -> str:
 
 @pytest.fixture(scope="module")
 def page(tables) -> str:
-    return _render(tables)
+    return render_page(tables)
 
 
 def test_page_is_well_formed(page):
@@ -202,7 +236,7 @@ def test_every_well_of_the_plate_is_in_the_page(page, tables):
             for row in parsed.rows
             if row
             and row[0] == well.well
-            and str(well.n_cells) in row
+            and str(well.n_cells_after_qc) in row
             and fraction in row
             and (well.qc_flags in row)
         ]
@@ -214,21 +248,26 @@ def test_every_well_of_the_plate_is_in_the_page(page, tables):
 def test_summary_numbers(page):
     rows = {row[0]: row[1] for row in parse(page).rows if len(row) == 2}
     assert rows["wells in the plate map"] == "5"
-    assert rows["wells with cells"] == "4"
-    assert rows["wells flagged by QC"] == "2"  # C03 (no cells) and D05 (7 < 20)
-    assert rows["cells"] == "102"
+    assert rows["wells failing QC"] == "2"  # C03 (empty field, no cells) and D05 (7 < 20)
+    assert rows["wells with QC flags"] == "3"  # and B02 (an out-of-focus field)
+    assert rows["cells before QC"] == "107"
+    assert rows["cells after QC"] == "95"  # B02 field 0, B03 and C02
 
 
-def test_qc_table_lists_flagged_wells(page):
+def test_qc_table_lists_flagged_wells_and_fields(page):
     rows = parse(page).rows
-    assert ["C03", "ctrl", "dmso", "0", "no_cells"] in rows
-    assert ["D05", "", "", "7", "too_few_cells"] in rows
+    assert ["B02", NASTY, "2", "1", "35", "30", "out_of_focus", "yes"] in rows
+    assert ["C03", "ctrl", "1", "0", "0", "0", "empty_field;no_cells", "no"] in rows
+    assert ["D05", "", "1", "1", "7", "7", "too_few_cells", "no"] in rows
+    # the flagged fields: well, field, n_cells, relative focus, saturated, contrast, flags
+    assert ["B02", "1", "5", "0.100", "0.000", "0.050", "out_of_focus"] in rows
+    assert ["C03", "0", "0", "–", "0.000", "0.050", "empty_field"] in rows
 
 
 def test_every_image_is_an_embedded_png(page):
     images = parse(page).images
-    # Two heatmaps, the histograms, the reliability diagram and three thumbnails.
-    assert len(images) == 7
+    # Three heatmaps, the histograms, the reliability diagram and three thumbnails.
+    assert len(images) == 8
     for image in images:
         source = image["src"]
         assert source.startswith("data:image/png;base64,")
@@ -281,14 +320,16 @@ def test_evaluation_is_shown(page):
 
 
 def test_empty_evaluation_and_gallery(tables):
-    page = _render(tables, evaluation={}, gallery={})
+    page = render_page(tables, evaluation={}, gallery={})
     assert "No model evaluation available." in page
     assert "No example cells." in page
-    assert len(parse(page).images) == 3  # heatmaps and histograms only
+    assert len(parse(page).images) == 4  # heatmaps and histograms only
 
 
 def test_confusion_matrix_as_counts_mapping(tables):
-    page = _render(tables, evaluation={"confusion_matrix": {"tn": 5, "fp": 1, "fn": 2, "tp": 8}}, gallery={})
+    page = render_page(
+        tables, evaluation={"confusion_matrix": {"tn": 5, "fp": 1, "fn": 2, "tp": 8}}, gallery={}
+    )
     rows = parse(page).rows
     assert ["true low_potential", "5", "1"] in rows
     assert ["true high_potential", "2", "8"] in rows
@@ -296,7 +337,7 @@ def test_confusion_matrix_as_counts_mapping(tables):
 
 def test_malformed_confusion_matrix_is_rejected(tables):
     with pytest.raises(ValueError, match="confusion_matrix"):
-        _render(tables, evaluation={"confusion_matrix": [1, 2, 3]}, gallery={})
+        render_page(tables, evaluation={"confusion_matrix": [1, 2, 3]}, gallery={})
 
 
 def test_per_well_read_back_from_csv(tables, tmp_path):
@@ -304,20 +345,20 @@ def test_per_well_read_back_from_csv(tables, tmp_path):
     path = tmp_path / "per_well.csv"
     tables["per_well"].to_csv(path, index=False)
     per_well = pd.read_csv(path, keep_default_na=False, na_values=[""])
-    page = _render(tables, per_well=per_well, gallery={})
+    page = render_page(tables, per_well=per_well, gallery={})
     rows = parse(page).rows
-    assert ["C03", "ctrl", "dmso", "0", "no_cells"] in rows
+    assert ["C03", "ctrl", "1", "0", "0", "0", "empty_field;no_cells", "no"] in rows
     assert not any(row and row[0] == "B02" and "no_cells" in row for row in rows)
 
 
 def test_missing_column_is_named(tables):
     with pytest.raises(ValueError, match="qc_flags"):
-        _render(tables, per_well=tables["per_well"].drop(columns="qc_flags"))
+        render_page(tables, per_well=tables["per_well"].drop(columns="qc_flags"))
 
 
 def test_gallery_crop_must_be_2d(tables):
     with pytest.raises(ValueError, match="2-D"):
-        _render(tables, gallery={"bad": [("x", np.zeros((2, 8, 8)))]})
+        render_page(tables, gallery={"bad": [("x", np.zeros((2, 8, 8)))]})
 
 
 @pytest.mark.parametrize(
@@ -346,7 +387,7 @@ def test_malformed_well_is_rejected(well):
 def test_384_well_layout(tables):
     per_well = tables["per_well"].copy()
     per_well.loc[per_well["well"] == "D05", "well"] = "P24"
-    page = _render(tables, per_well=per_well, evaluation={}, gallery={})
+    page = render_page(tables, per_well=per_well, evaluation={}, gallery={})
     assert "Plate layout (384-well plate)" in page
 
 
@@ -365,10 +406,10 @@ def test_index_links_each_plate(tables):
     assert parsed.errors == [] and parsed.stack == []
     assert parsed.links == ["P1/report.html", "P2/report.html", "P%203/report.html"]
     rows = parsed.rows
-    # P1: 5 wells, 4 with cells, 30 + 25 + 40 + 0 + 7 cells; P3 is not in the table.
-    assert rows[1][:4] == ["P1", "5", "4", "102"]
-    assert rows[2][:4] == ["P2", "2", "2", "44"]
-    assert rows[3] == ["P 3"] + ["–"] * 6
+    # wells, failing QC, fields, after QC, cells before and after QC; P3 is not in the table.
+    assert rows[1][:7] == ["P1", "5", "2", "6", "4", "107", "95"]
+    assert rows[2][:7] == ["P2", "2", "0", "2", "2", "44", "44"]
+    assert rows[3] == ["P 3"] + ["–"] * (len(PER_PLATE_COLUMNS) - 1)
     assert NASTY not in page and "&lt;b&gt;x&amp;y&lt;/b&gt;" in page
     assert "http://" not in page and "https://" not in page
 
@@ -386,21 +427,21 @@ def test_reliability_as_per_bin_lists(tables):
         },
         "nll": nan,
     }
-    page = _render(tables, evaluation=evaluation, gallery={})
+    page = render_page(tables, evaluation=evaluation, gallery={})
     assert "Reliability diagram" in page
-    assert len(parse(page).images) == 4
+    assert len(parse(page).images) == 5
     assert "<dt>nll</dt><dd>–</dd>" in page  # NaN shown as a dash among the other entries
 
 
 def test_reliability_without_required_key_is_rejected(tables):
     with pytest.raises(ValueError, match="count"):
-        _render(tables, evaluation={"reliability": [{"confidence": 0.6, "accuracy": 0.5}]}, gallery={})
+        render_page(tables, evaluation={"reliability": [{"confidence": 0.6, "accuracy": 0.5}]}, gallery={})
 
 
 def test_skipped_fields_are_listed_in_quality_control(tables):
     skipped = pd.DataFrame(
         [{"well": "A02", "field": 1, "file": "P1_A02_s2_w1.TIF", "reason": "empty file (0 bytes)"}]
     )
-    html = _render(tables, skipped_fields=skipped)
+    html = render_page(tables, skipped_fields=skipped)
     assert "P1_A02_s2_w1.TIF" in html and "skipped at ingest" in html
-    assert "skipped at ingest" not in _render(tables)
+    assert "skipped at ingest" not in render_page(tables)

@@ -49,7 +49,13 @@ LOGS = {
     "classify_well": "results/logs/*/classify/*.log",
     "collect_plate": "results/logs/*/collect.log",
 }
-PER_WELL_OUTPUTS = ("ingest/*.json", "segment/*.json", "measure/*.parquet", "classify/*.parquet")
+PER_WELL_OUTPUTS = (
+    "ingest/*.json",
+    "segment/*.json",
+    "measure/*.parquet",
+    "fields/*.parquet",
+    "classify/*.parquet",
+)
 KILL_SEED = 2026
 
 
@@ -74,7 +80,7 @@ def test_each_plate_has_its_outputs_and_samples_pool_across_plates(uninterrupted
     results = uninterrupted_run / "results"
     for plate in PLATES:
         cells = pd.read_parquet(results / plate / f"{plate}_cells.parquet")
-        assert set(cells["plate"]) == {plate}
+        assert set(cells["Metadata_Plate"]) == {plate}
         assert (results / plate / "report.html").stat().st_size > 0
     per_well = pd.read_csv(results / "summary" / "per_well.csv")
     assert sorted(zip(per_well["plate"], per_well["well"], strict=True)) == sorted(

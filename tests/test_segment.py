@@ -320,9 +320,20 @@ def test_segment_well_uses_the_configured_backend_and_writes_valid_ngff_labels(t
 
     # and on to the per-cell table: one row per cell, id (plate, well, field, label)
     stages.measure_well(
-        plate, "P1", "A01", settings["measure"], 0, tmp_path / "cells.parquet", tmp_path / "crops.zarr"
+        plate,
+        "P1",
+        "A01",
+        settings["measure"],
+        0,
+        None,
+        tmp_path / "cells.parquet",
+        tmp_path / "crops.zarr",
+        tmp_path / "fields.parquet",
     )
     cells = pd.read_parquet(tmp_path / "cells.parquet")
     assert len(cells) == 4 and not cells.duplicated(["plate", "well", "field", "label"]).any()
     assert cells[["intensity_p10", "intensity_p50", "intensity_p90", "texture_gradient"]].notna().all().all()
     assert zarr.open_array(str(tmp_path / "crops.zarr"), mode="r").shape[0] == 4
+    fields = pd.read_parquet(tmp_path / "fields.parquet")
+    assert fields[["field", "n_cells"]].values.tolist() == [[field, 4]]
+    assert fields["focus"].iloc[0] > 0 and fields["saturated_fraction"].iloc[0] == 0.0

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +16,8 @@ import yaml
 import zarr
 from ome_zarr_models.v05.hcs import HCS
 from ome_zarr_models.v05.image import Image
+
+from metascreen.aggregate import CELL_KEYS
 
 from .conftest import ROOT
 
@@ -76,7 +79,7 @@ def test_every_sample_fraction_is_within_ten_points_of_truth(finished_run):
     assert sorted(measured.index) == sorted(truth.index)
     error = (measured["fraction_positive"] - truth["fraction_positive"]).abs()
     assert (error <= 0.10).all(), error.to_dict()
-    assert (measured["n_cells"] > 0).all()
+    assert (measured["n_cells_after_qc"] > 0).all()
 
 
 @pytest.mark.slow
@@ -84,12 +87,14 @@ def test_outputs_follow_the_contract(finished_run):
     results = finished_run / "results"
     per_well = pd.read_parquet(results / "summary" / "per_well.parquet")
     assert sorted(per_well["well"]) == sorted(WELLS)
-    for column in ("plate", "well", "sample", "n_cells", "fraction_positive", "mean_probability"):
+    for column in ("plate", "well", "sample", "n_cells_after_qc", "fraction_positive", "qc_flags"):
         assert column in per_well
     cells = pd.read_parquet(results / "demo" / "demo_cells.parquet")
-    assert len(cells) == per_well["n_cells"].sum()
-    assert cells["probability"].between(0, 1).all()
-    assert cells.set_index(["plate", "well", "field", "label"]).index.is_unique
+    assert len(cells) == per_well["n_cells_before_qc"].sum()
+    assert cells["Cells_probability"].between(0, 1).all()
+    assert cells.set_index(CELL_KEYS).index.is_unique
+    fields = pd.read_parquet(results / "demo" / "demo_fields.parquet")
+    assert len(fields) == 2 * len(WELLS)
     evaluation = json.loads((results / "model" / "evaluation.json").read_text())
     for key in ("accuracy", "balanced_accuracy", "roc_auc", "ece", "baseline_accuracy"):
         assert 0 <= evaluation[key] <= 1
@@ -100,6 +105,17 @@ def test_outputs_follow_the_contract(finished_run):
     assert field.labels is not None
     html = (results / "demo" / "report.html").read_text()
     assert "<img" in html and "http://" not in html
+
+
+@pytest.mark.slow
+def test_snakemake_report_bundles_the_marked_outputs(finished_run):
+    result = snakemake(finished_run, "--report", "report.zip")
+    assert result.returncode == 0, result.stderr[-5000:]
+    with zipfile.ZipFile(finished_run / "report.zip") as bundle:
+        names = bundle.namelist()
+    # the marked outputs, under report/data/raw/{hash}/: both reports and the three CSV tables
+    marked = sorted(Path(name).name for name in names if name.startswith("report/data/raw/"))
+    assert marked == ["per_plate.csv", "per_sample.csv", "per_well.csv", "report.html", "report.html"], names
 
 
 def planned_jobs(workdir: Path) -> dict[str, int]:

@@ -1,34 +1,55 @@
-"""Aggregate per-cell predictions into per-well, per-sample and per-plate tables.
+"""Per-cell, per-field, per-well, per-sample and per-plate tables.
 
 Every function here is pure: DataFrames in, DataFrames out, no file I/O.
 
-The per-cell table has one row per segmented cell with at least the columns
-``plate``, ``well``, ``probability`` (calibrated probability of the positive class),
-``is_positive`` (``probability >= 0.5``), ``elongation`` and ``area``. The plate map
-has one row per plate and well with the columns ``plate``, ``well``, ``sample``,
-``condition``, ``cell_line`` and ``train_class``; it is the authority for the well
-metadata, so a plate-map well without any cell still gets a row.
+The per-cell table
+------------------
+:func:`cell_table` joins a plate's measurements, predictions, plate map and field QC
+into the public per-cell table, in pycytominer's convention so that it goes into
+``pycytominer.aggregate`` unchanged: identifiers and annotations are ``Metadata_*``
+columns (``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Site`` (the field),
+``Metadata_ObjectNumber`` (the cell's label in its field), ``Metadata_Sample``, every
+other plate-map column ``c`` as ``Metadata_c``, the cell's position, predicted class,
+model hash and field QC flags); the per-cell measurements are ``Cells_*`` columns, the
+morphology of :data:`metascreen.measure.FEATURE_COLUMNS` and the calibrated probability
+of the positive class, ``Cells_probability``. The summaries below read that table.
 
 Quality control
 ---------------
-A well is flagged ``no_cells`` when it has no cell and ``too_few_cells`` when it has
-fewer than ``min_cells``. Flagged wells keep their row in the per-well table but do
-not contribute to the per-sample summary.
+QC acts at two levels; "after QC" counts what passes both.
+
+* Fields (:func:`field_table`): ``empty_field`` when no cell was segmented or the field
+  is nearly uniform (``contrast < min_contrast``: blank, black or fully saturated);
+  ``out_of_focus`` when its focus is below ``min_relative_focus`` times the median focus
+  of the plate's fields with cells (relative, so it holds for any modality and
+  exposure); ``saturated`` when more than ``max_saturated_fraction`` of its pixels are
+  at the camera's maximum. Cells of a flagged field are left out of every statistic.
+* Wells (:func:`per_well_summary`): ``no_cells`` or ``too_few_cells`` when fewer than
+  ``min_cells`` cells remain after field QC; such a well has ``passes_qc`` false and does
+  not contribute to the per-sample and per-plate tables. A well also lists the flags of
+  its fields, but keeps its remaining fields' cells.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
+from metascreen.measure import FEATURE_COLUMNS
+
 __all__ = [
+    "CELL_KEYS",
+    "FIELD_COLUMNS",
     "PER_PLATE_COLUMNS",
     "PER_SAMPLE_COLUMNS",
     "PER_WELL_COLUMNS",
+    "cell_column",
+    "cell_table",
+    "field_table",
     "per_plate_summary",
     "per_sample_summary",
     "per_well_summary",
@@ -38,49 +59,97 @@ __all__ = [
 #: Confidence level of every interval in the summary tables.
 CONFIDENCE = 0.95
 
+#: Plate-map and measurement columns with a pycytominer name of their own.
+_NAMED_METADATA = {
+    "plate": "Metadata_Plate",
+    "well": "Metadata_Well",
+    "field": "Metadata_Site",
+    "label": "Metadata_ObjectNumber",
+    "sample": "Metadata_Sample",
+}
+#: Per-cell columns that are measurements (``Cells_*``); the rest are annotations.
+_CELL_MEASUREMENTS = (*FEATURE_COLUMNS, "probability")
+
+#: Identity of a cell in the per-cell table.
+CELL_KEYS = ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber"]
+
+#: Columns of :func:`field_table`, in order.
+FIELD_COLUMNS = [
+    "Metadata_Plate",
+    "Metadata_Well",
+    "Metadata_Site",
+    "n_cells",
+    "focus",
+    "relative_focus",
+    "saturated_fraction",
+    "contrast",
+    "qc_flags",
+]
+
 _KEYS = ["plate", "well"]
+_FIELD_KEYS = ["plate", "well", "field"]
 _METADATA_COLUMNS = ["sample", "condition", "cell_line", "train_class"]
-_CELL_COLUMNS = ["plate", "well", "probability", "is_positive", "elongation", "area"]
-_CELL_STATISTICS = ["mean_probability", "median_probability", "mean_elongation", "median_area"]
+# Internal name -> per-cell column of what the summaries read.
+_CELL_INPUTS = {
+    "plate": "Metadata_Plate",
+    "well": "Metadata_Well",
+    "field": "Metadata_Site",
+    "probability": "Cells_probability",
+    "is_positive": "Metadata_is_positive",
+    "elongation": "Cells_elongation",
+    "area": "Cells_area",
+    "field_qc_flags": "Metadata_field_qc_flags",
+}
+_CELL_STATISTICS = [
+    "mean_probability",
+    "median_probability",
+    "mean_elongation",
+    "median_elongation",
+    "mean_area",
+    "median_area",
+]
 _FRACTION_COLUMNS = ["fraction_positive", "fraction_ci_low", "fraction_ci_high"]
+_COUNTS = ["n_cells_before_qc", "n_cells_after_qc", "n_positive"]
 
 #: Columns of :func:`per_well_summary`, in order.
 PER_WELL_COLUMNS = [
     *_KEYS,
     *_METADATA_COLUMNS,
-    "n_cells",
-    "n_positive",
+    "n_fields",
+    "n_fields_after_qc",
+    *_COUNTS,
     *_FRACTION_COLUMNS,
     *_CELL_STATISTICS,
     "qc_flags",
+    "passes_qc",
 ]
 
 #: Columns of :func:`per_sample_summary`, in order.
 PER_SAMPLE_COLUMNS = [
     "sample",
-    "condition",
-    "cell_line",
-    "train_class",
+    *_METADATA_COLUMNS[1:],
     "n_plates",
     "n_wells",
     "n_wells_failed_qc",
-    "n_cells",
-    "n_positive",
+    *_COUNTS,
     *_FRACTION_COLUMNS,
     "well_ci_low",
     "well_ci_high",
     *_CELL_STATISTICS,
+    "qc_flags",
 ]
 
 #: Columns of :func:`per_plate_summary`, in order.
 PER_PLATE_COLUMNS = [
     "plate",
     "n_wells",
-    "n_wells_with_cells",
-    "n_cells",
-    "n_positive",
-    "fraction_positive",
-    "mean_probability",
+    "n_wells_failed_qc",
+    "n_fields",
+    "n_fields_after_qc",
+    *_COUNTS,
+    *_FRACTION_COLUMNS,
+    *_CELL_STATISTICS,
+    "qc_flags",
 ]
 
 
@@ -137,27 +206,176 @@ def wilson_interval(
     return low, high
 
 
-def per_well_summary(cells: pd.DataFrame, platemap: pd.DataFrame, *, min_cells: int = 20) -> pd.DataFrame:
+def cell_column(name: str) -> str:
+    """Name in the per-cell table of a measurement, prediction or plate-map column.
+
+    Parameters
+    ----------
+    name
+        Column name as the stages and the plate map write it, e.g. ``"well"``,
+        ``"area"``, ``"probability"``, ``"predicted_class"``, ``"condition"``.
+
+    Returns
+    -------
+    str
+        ``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Site`` (field),
+        ``Metadata_ObjectNumber`` (label) and ``Metadata_Sample`` for those five;
+        ``Cells_{name}`` for the morphology features and ``probability``;
+        ``Metadata_{name}`` for anything else.
+
+    Examples
+    --------
+    >>> cell_column("field"), cell_column("elongation"), cell_column("cell_line")
+    ('Metadata_Site', 'Cells_elongation', 'Metadata_cell_line')
+    """
+    if name in _NAMED_METADATA:
+        return _NAMED_METADATA[name]
+    return f"Cells_{name}" if name in _CELL_MEASUREMENTS else f"Metadata_{name}"
+
+
+def field_table(
+    fields: pd.DataFrame,
+    *,
+    min_relative_focus: float = 0.25,
+    max_saturated_fraction: float = 0.01,
+    min_contrast: float = 0.005,
+) -> pd.DataFrame:
+    """Quality-control flags of every field (see "Quality control" in the module docstring).
+
+    Parameters
+    ----------
+    fields
+        One row per field with ``plate``, ``well``, ``field`` and the metrics of
+        :func:`metascreen.measure.field_quality` (``n_cells``, ``focus``,
+        ``saturated_fraction``, ``contrast``).
+    min_relative_focus
+        Fields whose focus is below this fraction of the plate's median focus (over
+        fields with cells) are flagged ``out_of_focus``.
+    max_saturated_fraction
+        Fields with a larger fraction of saturated pixels are flagged ``saturated``.
+    min_contrast
+        Fields without cells or with a lower coefficient of variation are flagged
+        ``empty_field``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :data:`FIELD_COLUMNS`, sorted by plate, well and field:
+        ``relative_focus`` is the focus over the plate's median, ``qc_flags`` the
+        ";"-joined flags ("" for a field that passed).
+
+    Raises
+    ------
+    ValueError
+        If a column is missing or a field is listed twice.
+    """
+    _require_columns(
+        fields,
+        [*_FIELD_KEYS, "n_cells", "focus", "saturated_fraction", "contrast"],
+        "the field table",
+        "pass the per-field metrics written by the measure stage",
+    )
+    table = fields.copy()
+    for column in _KEYS:
+        table[column] = table[column].astype(str)
+    if table.duplicated(_FIELD_KEYS).any():
+        raise ValueError("the field table lists a plate/well/field more than once")
+    with_cells = table["focus"].where(table["n_cells"] > 0)
+    plate_focus = with_cells.groupby(table["plate"]).transform("median")
+    table["relative_focus"] = (table["focus"] / plate_focus).astype(np.float64)
+    flags = {
+        "empty_field": (table["n_cells"] == 0) | (table["contrast"] < min_contrast),
+        "out_of_focus": table["relative_focus"] < min_relative_focus,  # NaN compares False
+        "saturated": table["saturated_fraction"] > max_saturated_fraction,
+    }
+    table["qc_flags"] = _flag_strings(flags)
+    table = table.rename(columns={key: cell_column(key) for key in _FIELD_KEYS})
+    return table[FIELD_COLUMNS].sort_values(FIELD_COLUMNS[:3], ignore_index=True)
+
+
+def cell_table(
+    measurements: pd.DataFrame,
+    predictions: pd.DataFrame,
+    platemap: pd.DataFrame,
+    fields: pd.DataFrame,
+    *,
+    positive_class: str,
+) -> pd.DataFrame:
+    """Join a plate's measurements, predictions, plate map and field QC into its per-cell table.
+
+    Parameters
+    ----------
+    measurements
+        Per-cell morphology of the measure stage (``plate``, ``well``, ``field``,
+        ``label``, features, position, ``crop_index``).
+    predictions
+        Per-cell ``probability``, ``predicted_class`` and ``model_sha256`` of the
+        classify stage, keyed like ``measurements``.
+    platemap
+        One row per plate and well; every column is carried (``sample`` and the others).
+    fields
+        Output of :func:`field_table`; its ``qc_flags`` become ``Metadata_field_qc_flags``.
+    positive_class
+        Class name counted by ``Metadata_is_positive``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per cell, columns renamed by :func:`cell_column`: the ``Metadata_*``
+        columns first (:data:`CELL_KEYS` leading), then the ``Cells_*`` columns.
+
+    Raises
+    ------
+    ValueError
+        If a cell lacks a prediction or its field's QC, or a key is duplicated.
+    """
+    keys = [*_FIELD_KEYS, "label"]
+    cells = measurements.merge(predictions, on=keys, how="left", validate="one_to_one")
+    if cells["probability"].isna().any():
+        raise ValueError("some measured cells have no prediction; rerun the classify stage")
+    cells["is_positive"] = cells["predicted_class"] == positive_class
+    cells = cells.merge(platemap, on=_KEYS, how="left", validate="many_to_one")
+    field_flags = fields.rename(columns={cell_column(key): key for key in _FIELD_KEYS})
+    field_flags = field_flags[[*_FIELD_KEYS, "qc_flags"]].rename(columns={"qc_flags": "field_qc_flags"})
+    cells = cells.merge(field_flags, on=_FIELD_KEYS, how="left", validate="many_to_one")
+    if cells["field_qc_flags"].isna().any():
+        raise ValueError("some cells lie in fields absent from the field table")
+    cells = cells.rename(columns={name: cell_column(name) for name in cells.columns})
+    metadata = [*CELL_KEYS, *(c for c in cells.columns if c.startswith("Metadata_") and c not in CELL_KEYS)]
+    return cells[metadata + [c for c in cells.columns if c.startswith("Cells_")]]
+
+
+def per_well_summary(
+    cells: pd.DataFrame, fields: pd.DataFrame, platemap: pd.DataFrame, *, min_cells: int = 20
+) -> pd.DataFrame:
     """Summarise the cells of every plate-map well.
 
     Parameters
     ----------
     cells
-        Per-cell table (see the module docstring for the required columns).
+        Per-cell table of :func:`cell_table` (it needs ``Metadata_Plate``,
+        ``Metadata_Well``, ``Metadata_Site``, ``Cells_probability``,
+        ``Metadata_is_positive``, ``Cells_elongation``, ``Cells_area`` and
+        ``Metadata_field_qc_flags``).
+    fields
+        Output of :func:`field_table`.
     platemap
         One row per plate and well with ``plate``, ``well``, ``sample``,
         ``condition``, ``cell_line`` and ``train_class``.
     min_cells
-        Wells with fewer cells are flagged ``too_few_cells``.
+        Wells with fewer cells after field QC fail QC (``too_few_cells``).
 
     Returns
     -------
     pandas.DataFrame
         One row per plate-map well with the columns :data:`PER_WELL_COLUMNS`,
-        sorted by plate and well. ``fraction_positive`` is ``n_positive / n_cells``
-        with a Wilson 95 % interval; ``qc_flags`` is a ";"-joined list of flags, the
-        empty string for a well that passed. Fractions and cell statistics are NaN
-        for wells without cells; metadata missing in the plate map becomes "".
+        sorted by plate and well. ``n_cells_before_qc`` counts all the well's cells;
+        everything after it describes its cells in fields that passed QC:
+        ``fraction_positive = n_positive / n_cells_after_qc`` with a Wilson 95 %
+        interval, probability, elongation and area means and medians (NaN without
+        cells). ``qc_flags`` is the ";"-joined flags of the well and its fields ("" when
+        none); ``passes_qc`` says whether the well enters the per-sample and per-plate
+        tables. Metadata missing in the plate map becomes "".
 
     Raises
     ------
@@ -166,12 +384,12 @@ def per_well_summary(cells: pd.DataFrame, platemap: pd.DataFrame, *, min_cells: 
         lies in a well absent from the plate map, or ``min_cells`` is negative.
     """
     platemap = _validated_platemap(platemap)
-    cells = _validated_cells(cells, platemap)
-    return _well_table(cells, platemap, min_cells)
+    return _well_table(_validated_cells(cells, platemap), _validated_fields(fields), platemap, min_cells)
 
 
 def per_sample_summary(
     cells: pd.DataFrame,
+    fields: pd.DataFrame,
     platemap: pd.DataFrame,
     *,
     n_bootstrap: int = 2000,
@@ -180,38 +398,35 @@ def per_sample_summary(
 ) -> pd.DataFrame:
     """Summarise every sample over its wells on all plates.
 
-    Only wells that pass quality control (no ``qc_flags`` in
-    :func:`per_well_summary` with the same ``min_cells``) contribute; plate-map
-    wells without a sample name (e.g. empty wells) are ignored.
+    After QC, a sample pools the cells in passing fields of its wells that pass QC
+    (:func:`per_well_summary` with the same ``min_cells``); plate-map wells without a
+    sample name (e.g. empty wells) are ignored.
 
     Parameters
     ----------
-    cells
-        Per-cell table (see the module docstring for the required columns).
-    platemap
-        One row per plate and well (see :func:`per_well_summary`).
+    cells, fields, platemap, min_cells
+        As :func:`per_well_summary`.
     n_bootstrap
         Number of bootstrap replicates for the between-well interval.
     seed
         Seed of the bootstrap. Each sample draws from its own stream derived from
         the seed and the sample name, so a sample's interval does not change when
         other samples are added or removed.
-    min_cells
-        Wells with fewer cells are excluded.
 
     Returns
     -------
     pandas.DataFrame
         One row per sample with the columns :data:`PER_SAMPLE_COLUMNS`, sorted by
-        sample. ``fraction_positive`` pools all cells of the contributing wells,
-        with a Wilson 95 % interval (``fraction_ci_*``) that treats cells as
-        independent. ``well_ci_*`` is a 95 % percentile bootstrap that resamples
-        wells with replacement and pools each replicate, so it reflects
-        well-to-well variation; it is NaN with fewer than two contributing wells.
-        ``condition``, ``cell_line`` and ``train_class`` join distinct non-empty
-        values with ";" if the plate map disagrees with itself. A sample whose
-        wells all fail QC keeps its row with zero counts and NaN statistics.
-        ``n_wells_failed_qc`` counts the sample's wells left out.
+        sample. ``n_wells`` counts the passing wells, ``n_wells_failed_qc`` the others,
+        ``n_cells_before_qc`` all cells of all its wells. ``fraction_positive`` pools the
+        cells after QC, with a Wilson 95 % interval (``fraction_ci_*``) that treats
+        cells as independent. ``well_ci_*`` is a 95 % percentile bootstrap that
+        resamples passing wells with replacement and pools each replicate, so it
+        reflects well-to-well variation; it is NaN with fewer than two passing wells.
+        ``condition``, ``cell_line`` and ``train_class`` join distinct non-empty values
+        with ";" if the plate map disagrees with itself; ``qc_flags`` joins its wells'
+        flags. A sample whose wells all fail QC keeps its row with zero counts after QC
+        and NaN statistics.
 
     Raises
     ------
@@ -222,24 +437,25 @@ def per_sample_summary(
         raise ValueError(f"n_bootstrap must be at least 1, got {n_bootstrap!r}")
     platemap = _validated_platemap(platemap)
     cells = _validated_cells(cells, platemap)
-    wells = _well_table(cells, platemap, min_cells)
+    wells = _well_table(cells, _validated_fields(fields), platemap, min_cells)
     wells = wells[wells["sample"] != ""]
-    passing = wells[wells["qc_flags"] == ""]
+    passing = wells[wells["passes_qc"]]
 
     metadata = wells.groupby("sample").agg(
         condition=("condition", _join_distinct),
         cell_line=("cell_line", _join_distinct),
         train_class=("train_class", _join_distinct),
-        n_wells_failed_qc=("qc_flags", lambda flags: int((flags != "").sum())),
+        n_wells_failed_qc=("passes_qc", lambda passes: int((~passes).sum())),
+        n_cells_before_qc=("n_cells_before_qc", "sum"),
+        qc_flags=("qc_flags", _join_flags),
     )
     counts = passing.groupby("sample").agg(n_plates=("plate", "nunique"), n_wells=("well", "size"))
-    passing_cells = cells.merge(passing[[*_KEYS, "sample"]], on=_KEYS, how="inner")
-    stats = _cell_stats(passing_cells, ["sample"]).set_index("sample")
+    stats = _cell_stats(_kept_cells(cells, passing[[*_KEYS, "sample"]]), ["sample"]).set_index("sample")
     intervals = pd.DataFrame.from_dict(
         {
             sample: _bootstrap_interval(
                 group["n_positive"].to_numpy(),
-                group["n_cells"].to_numpy(),
+                group["n_cells_after_qc"].to_numpy(),
                 n_bootstrap=n_bootstrap,
                 rng=np.random.default_rng([seed, zlib.crc32(str(sample).encode("utf-8"))]),
             )
@@ -254,25 +470,25 @@ def per_sample_summary(
     return table[PER_SAMPLE_COLUMNS].sort_values("sample", ignore_index=True)
 
 
-def per_plate_summary(cells: pd.DataFrame, platemap: pd.DataFrame) -> pd.DataFrame:
-    """Summarise every plate of the plate map, pooling all of its cells.
-
-    No well is excluded here: the numbers describe the plate as imaged.
+def per_plate_summary(
+    cells: pd.DataFrame, fields: pd.DataFrame, platemap: pd.DataFrame, *, min_cells: int = 20
+) -> pd.DataFrame:
+    """Summarise every plate of the plate map.
 
     Parameters
     ----------
-    cells
-        Per-cell table (see the module docstring for the required columns).
-    platemap
-        One row per plate and well (see :func:`per_well_summary`).
+    cells, fields, platemap, min_cells
+        As :func:`per_well_summary`.
 
     Returns
     -------
     pandas.DataFrame
         One row per plate with the columns :data:`PER_PLATE_COLUMNS`, sorted by
-        plate: ``n_wells`` plate-map wells, ``n_wells_with_cells`` of them with at
-        least one cell, pooled ``fraction_positive`` (NaN without cells) and
-        ``mean_probability``.
+        plate: plate-map wells (``n_wells``) and those failing QC, fields and those
+        passing QC, all cells (``n_cells_before_qc``), and, pooled over the cells in
+        passing fields of passing wells, the counts after QC, ``fraction_positive``
+        with its Wilson 95 % interval and the cell statistics; ``qc_flags`` joins its
+        wells' flags.
 
     Raises
     ------
@@ -281,17 +497,18 @@ def per_plate_summary(cells: pd.DataFrame, platemap: pd.DataFrame) -> pd.DataFra
     """
     platemap = _validated_platemap(platemap)
     cells = _validated_cells(cells, platemap)
-    wells = _fill_counts(platemap[_KEYS].merge(_cell_stats(cells, _KEYS), on=_KEYS, how="left"), [])
+    wells = _well_table(cells, _validated_fields(fields), platemap, min_cells)
     table = wells.groupby("plate").agg(
         n_wells=("well", "size"),
-        n_wells_with_cells=("n_cells", lambda n: int((n > 0).sum())),
-        n_cells=("n_cells", "sum"),
-        n_positive=("n_positive", "sum"),
+        n_wells_failed_qc=("passes_qc", lambda passes: int((~passes).sum())),
+        n_fields=("n_fields", "sum"),
+        n_fields_after_qc=("n_fields_after_qc", "sum"),
+        n_cells_before_qc=("n_cells_before_qc", "sum"),
+        qc_flags=("qc_flags", _join_flags),
     )
-    table = table.join(
-        cells.groupby("plate").agg(mean_probability=("probability", "mean")), how="left"
-    ).reset_index()
-    table["fraction_positive"] = _fraction(table["n_positive"], table["n_cells"])
+    stats = _cell_stats(_kept_cells(cells, wells.loc[wells["passes_qc"], _KEYS]), ["plate"])
+    table = table.join(stats.set_index("plate"), how="left").reset_index()
+    table = _with_fractions(_fill_counts(table, []))
     return table[PER_PLATE_COLUMNS].sort_values("plate", ignore_index=True)
 
 
@@ -327,25 +544,28 @@ def _validated_platemap(platemap: pd.DataFrame) -> pd.DataFrame:
 
 
 def _validated_cells(cells: pd.DataFrame, platemap: pd.DataFrame) -> pd.DataFrame:
-    """Per-cell columns used here, checked against the plate map."""
+    """Per-cell columns used here, under their short names, checked against the plate map."""
     _require_columns(
         cells,
-        _CELL_COLUMNS,
+        list(_CELL_INPUTS.values()),
         "the per-cell table",
-        "pass the per-cell table with morphology features and classifier predictions",
+        "pass the per-cell table of metascreen.aggregate.cell_table (results/{plate}/{plate}_cells.parquet)",
     )
-    table = cells[_CELL_COLUMNS].copy()
+    table = cells[list(_CELL_INPUTS.values())].rename(columns={v: k for k, v in _CELL_INPUTS.items()})
     for column in _KEYS:
         table[column] = table[column].astype(str)
     for column in ("probability", "is_positive"):
         if table[column].isna().any():
             raise ValueError(
-                f"the per-cell table has missing values in '{column}'; classify every cell before aggregating"
+                f"the per-cell table has missing values in '{_CELL_INPUTS[column]}'; "
+                "classify every cell before aggregating"
             )
     table["probability"] = table["probability"].astype(np.float64)
     if ((table["probability"] < 0.0) | (table["probability"] > 1.0)).any():
-        raise ValueError("the per-cell column 'probability' must lie in [0, 1]")
+        raise ValueError("the per-cell column 'Cells_probability' must lie in [0, 1]")
     table["is_positive"] = table["is_positive"].astype(bool)
+    # CSV round trips turn "" into NaN
+    table["field_qc_flags"] = table["field_qc_flags"].fillna("").astype(str)
     known = table.merge(platemap[_KEYS], on=_KEYS, how="left", indicator=True)
     unknown = known["_merge"] == "left_only"
     if unknown.any():
@@ -358,63 +578,91 @@ def _validated_cells(cells: pd.DataFrame, platemap: pd.DataFrame) -> pd.DataFram
     return table
 
 
+def _validated_fields(fields: pd.DataFrame) -> pd.DataFrame:
+    """Keys and QC flags of the field table, under their short names."""
+    _require_columns(
+        fields, FIELD_COLUMNS[:3] + ["qc_flags"], "the field table", "pass the output of field_table"
+    )
+    table = fields[[*FIELD_COLUMNS[:3], "qc_flags"]].rename(
+        columns={cell_column(key): key for key in _FIELD_KEYS}
+    )
+    for column in _KEYS:
+        table[column] = table[column].astype(str)
+    table["qc_flags"] = table["qc_flags"].fillna("").astype(str)
+    return table
+
+
+def _kept_cells(cells: pd.DataFrame, wells: pd.DataFrame) -> pd.DataFrame:
+    """Cells in passing fields of ``wells`` (key columns and any extra columns of ``wells``)."""
+    return cells[cells["field_qc_flags"] == ""].merge(wells, on=_KEYS, how="inner")
+
+
 def _cell_stats(cells: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Cell counts and probability/morphology statistics per group of ``keys``."""
     stats = (
         cells.groupby(keys, sort=True)
         .agg(
-            n_cells=("probability", "size"),
+            n_cells_after_qc=("probability", "size"),
             n_positive=("is_positive", "sum"),
             mean_probability=("probability", "mean"),
             median_probability=("probability", "median"),
             mean_elongation=("elongation", "mean"),
+            median_elongation=("elongation", "median"),
+            mean_area=("area", "mean"),
             median_area=("area", "median"),
         )
         .reset_index()
     )
-    return stats[[*keys, "n_cells", "n_positive", *_CELL_STATISTICS]]
+    return stats[[*keys, "n_cells_after_qc", "n_positive", *_CELL_STATISTICS]]
 
 
-def _well_table(cells: pd.DataFrame, platemap: pd.DataFrame, min_cells: int) -> pd.DataFrame:
+def _well_table(
+    cells: pd.DataFrame, fields: pd.DataFrame, platemap: pd.DataFrame, min_cells: int
+) -> pd.DataFrame:
     """Per-well summary from validated tables (see :func:`per_well_summary`)."""
     if min_cells < 0:
         raise ValueError(f"min_cells must be non-negative, got {min_cells!r}")
-    table = platemap.merge(_cell_stats(cells, _KEYS), on=_KEYS, how="left")
-    table = _with_fractions(_fill_counts(table, []))
-    n_cells = table["n_cells"]
-    table["qc_flags"] = np.where(n_cells == 0, "no_cells", np.where(n_cells < min_cells, "too_few_cells", ""))
-    table["qc_flags"] = table["qc_flags"].astype(str)
+    field_counts = fields.groupby(_KEYS).agg(
+        n_fields=("field", "size"),
+        n_fields_after_qc=("qc_flags", lambda flags: int((flags == "").sum())),
+        field_flags=("qc_flags", _join_flags),
+    )
+    before = cells.groupby(_KEYS).size().rename("n_cells_before_qc")
+    table = platemap.join(field_counts, on=_KEYS).join(before, on=_KEYS)
+    table = table.merge(_cell_stats(_kept_cells(cells, platemap[_KEYS]), _KEYS), on=_KEYS, how="left")
+    table = _with_fractions(_fill_counts(table, ["n_fields", "n_fields_after_qc"]))
+    n_cells = table["n_cells_after_qc"]
+    table["passes_qc"] = n_cells >= max(min_cells, 1)
+    well_flags = {"no_cells": n_cells == 0, "too_few_cells": (n_cells > 0) & (n_cells < min_cells)}
+    table["qc_flags"] = [
+        _join_flags([own, inherited])
+        for own, inherited in zip(_flag_strings(well_flags), table["field_flags"].fillna(""), strict=True)
+    ]
     return table[PER_WELL_COLUMNS].sort_values(_KEYS, ignore_index=True)
 
 
 def _fill_counts(table: pd.DataFrame, extra_counts: list[str]) -> pd.DataFrame:
     """Zero-fill and int64-cast counts; float64-cast statistics (NaN stays NaN)."""
     table = table.copy()
-    for column in ["n_cells", "n_positive", *extra_counts]:
+    for column in [*_COUNTS, *extra_counts]:
         table[column] = table[column].fillna(0).astype(np.int64)
     for column in _CELL_STATISTICS:
-        if column in table.columns:
-            table[column] = table[column].astype(np.float64)
+        table[column] = table[column].astype(np.float64)
     return table
 
 
 def _with_fractions(table: pd.DataFrame) -> pd.DataFrame:
     """Add the pooled positive fraction and its Wilson interval."""
     table = table.copy()
-    table["fraction_positive"] = _fraction(table["n_positive"], table["n_cells"])
-    low, high = wilson_interval(
-        table["n_positive"].to_numpy(), table["n_cells"].to_numpy(), confidence=CONFIDENCE
+    successes = table["n_positive"].to_numpy(dtype=np.float64)
+    trials = table["n_cells_after_qc"].to_numpy(dtype=np.float64)
+    table["fraction_positive"] = np.divide(
+        successes, trials, out=np.full(successes.shape, np.nan), where=trials > 0
     )
+    low, high = wilson_interval(successes, trials, confidence=CONFIDENCE)
     table["fraction_ci_low"] = low.astype(np.float64)
     table["fraction_ci_high"] = high.astype(np.float64)
     return table
-
-
-def _fraction(numerator: pd.Series, denominator: pd.Series) -> np.ndarray:
-    """Element-wise ratio as float64, NaN where the denominator is zero."""
-    num = numerator.to_numpy(dtype=np.float64)
-    den = denominator.to_numpy(dtype=np.float64)
-    return np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
 
 
 def _bootstrap_interval(
@@ -430,6 +678,18 @@ def _bootstrap_interval(
     tail = (1.0 - CONFIDENCE) / 2.0
     low, high = np.quantile(pooled, [tail, 1.0 - tail])
     return float(low), float(high)
+
+
+def _flag_strings(flags: dict[str, pd.Series]) -> list[str]:
+    """Per row, the names of the raised flags, ";"-joined in the order given."""
+    names = np.array(list(flags))
+    raised = np.column_stack([np.asarray(values, dtype=bool) for values in flags.values()])
+    return [";".join(names[row]) for row in raised]
+
+
+def _join_flags(values: Iterable[str]) -> str:
+    """Distinct flags of ";"-joined flag strings, sorted and ";"-joined."""
+    return ";".join(sorted({flag for value in values for flag in value.split(";") if flag}))
 
 
 def _join_distinct(values: pd.Series) -> str:

@@ -103,8 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("--well", required),
         settings,
         ("--channel", {"type": int, "default": 0}),
+        (
+            "--saturation-level",
+            {
+                "type": _json,
+                "default": None,
+                "help": "saturated intensity as JSON; null: the dtype's maximum",
+            },
+        ),
         ("--table", required),
         ("--crops", required),
+        ("--fields", {"required": True, "help": "output: per-field QC metrics (Parquet)"}),
     )
     _add(
         commands,
@@ -143,19 +152,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add(
         commands,
         "collect",
-        "Join a plate's per-well tables into its per-cell table.",
+        "Join a plate's per-well tables into its per-cell table and its field QC table.",
         ("--measurements", many),
         ("--predictions", many),
+        ("--fields", many),
         platemap,
         ("--positive-class", required),
+        ("--qc", {"required": True, "type": _json, "help": "the config's qc section as JSON"}),
         ("--output", required),
+        ("--fields-output", required),
     )
     _add(
         commands,
         "summarize",
         "Per-well, per-sample and per-plate tables across plates.",
         ("--cells", many),
+        ("--fields", many),
         platemap,
+        ("--qc", {"required": True, "type": _json, "help": "the config's qc section as JSON"}),
         settings,
         ("--outdir", required),
     )
@@ -165,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Render a plate's HTML report.",
         ("--plate", required),
         ("--cells", required),
+        ("--fields", required),
         ("--per-well", required),
         ("--per-sample", required),
         ("--evaluation", required),
@@ -226,7 +241,9 @@ def run(arguments: argparse.Namespace) -> None:
     elif a.command == "segment":
         stages.segment_well(a.zarr, a.well, a.settings, a.manifest, a.threads)
     elif a.command == "measure":
-        stages.measure_well(a.zarr, a.plate, a.well, a.settings, a.channel, a.table, a.crops)
+        stages.measure_well(
+            a.zarr, a.plate, a.well, a.settings, a.channel, a.saturation_level, a.table, a.crops, a.fields
+        )
     elif a.command == "train":
         stages.train(
             a.tables,
@@ -244,7 +261,16 @@ def run(arguments: argparse.Namespace) -> None:
     elif a.command == "classify":
         stages.classify_well(a.table, a.crops, a.model, a.settings, a.output, a.threads)
     elif a.command == "collect":
-        stages.collect_plate(a.measurements, a.predictions, a.platemap, a.positive_class, a.output)
+        stages.collect_plate(
+            a.measurements,
+            a.predictions,
+            a.fields,
+            a.platemap,
+            a.positive_class,
+            a.qc,
+            a.output,
+            a.fields_output,
+        )
     elif a.command == "summarize":
         outdir = Path(a.outdir)
         outputs = {
@@ -252,11 +278,12 @@ def run(arguments: argparse.Namespace) -> None:
             for name in ("per_well", "per_sample", "per_plate")
             for kind in ("csv", "parquet")
         }
-        stages.summarize(a.cells, a.platemap, a.settings, outputs)
+        stages.summarize(a.cells, a.fields, a.platemap, a.qc, a.settings, outputs)
     elif a.command == "report":
         stages.report_plate(
             a.plate,
             a.cells,
+            a.fields,
             a.per_well,
             a.per_sample,
             a.evaluation,

@@ -27,6 +27,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Colormap, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.image import imsave
 
@@ -47,6 +48,17 @@ PLATE_FORMATS = ((24, 4, 6), (96, 8, 12), (384, 16, 24), (1536, 32, 48))
 
 #: Most per-sample histograms drawn on one page; more would make an unreadable figure.
 MAX_HISTOGRAMS = 48
+
+#: Colours of the QC map: passed, passed with flagged fields left out, failed.
+_QC_COLOURS = ListedColormap(["#7fbf7b", "#f1c232", "#d6604d"])
+#: One-letter codes of the QC flags written on the QC map.
+_QC_CODES = {
+    "empty_field": "E",
+    "out_of_focus": "F",
+    "saturated": "S",
+    "too_few_cells": "L",
+    "no_cells": "N",
+}
 
 _WELL_PATTERN = re.compile(r"^([A-Z]{1,2})0*([1-9][0-9]*)$")
 _ABSENT_COLOUR = "#d0d0d0"
@@ -165,6 +177,7 @@ def render_plate_report(
     provenance: Mapping[str, Any],
     positive_class: str,
     negative_class: str,
+    fields: pd.DataFrame | None = None,
     skipped_fields: pd.DataFrame | None = None,
 ) -> str:
     """Render the self-contained HTML report of one plate.
@@ -179,7 +192,9 @@ def render_plate_report(
         Output of :func:`metascreen.aggregate.per_sample_summary`; only samples with
         a well on this plate are shown.
     cells
-        Per-cell table with at least ``plate``, ``sample`` and ``probability``.
+        Per-cell table of :func:`metascreen.aggregate.cell_table` (at least
+        ``Metadata_Plate``, ``Metadata_Sample`` and ``Cells_probability``; cells whose
+        ``Metadata_field_qc_flags`` is not empty are left out of the distributions).
     evaluation
         Model evaluation; ``accuracy``, ``balanced_accuracy``, ``roc_auc``, ``ece``,
         ``baseline_accuracy``, ``baseline_balanced_accuracy`` and
@@ -195,6 +210,9 @@ def render_plate_report(
         Rendered as a definition list; nested values as JSON.
     positive_class, negative_class
         Class names.
+    fields
+        Output of :func:`metascreen.aggregate.field_table`; its flagged fields of this
+        plate are listed in the quality-control section.
     skipped_fields
         Fields left out at ingest (columns well, field, file, reason), shown in the
         quality-control section.
@@ -211,24 +229,39 @@ def render_plate_report(
     """
     _require_columns(
         per_well,
-        ["plate", "well", "sample", "n_cells", "n_positive", "fraction_positive", "qc_flags"],
+        [
+            "plate",
+            "well",
+            "sample",
+            "n_cells_before_qc",
+            "n_cells_after_qc",
+            "n_positive",
+            "fraction_positive",
+            "qc_flags",
+            "passes_qc",
+        ],
         "per_well",
     )
     _require_columns(per_sample, ["sample"], "per_sample")
-    _require_columns(cells, ["plate", "sample", "probability"], "cells")
+    _require_columns(cells, ["Metadata_Plate", "Metadata_Sample", "Cells_probability"], "cells")
     wells = per_well[per_well["plate"].astype(str) == plate].sort_values("well")
     # Tables read back from CSV turn empty strings into NaN.
     wells = wells.assign(
         sample=wells["sample"].fillna("").astype(str),
         qc_flags=wells["qc_flags"].fillna("").astype(str),
     )
-    plate_cells = cells[cells["plate"].astype(str) == plate]
+    plate_cells = cells[cells["Metadata_Plate"].astype(str) == plate]
+    if "Metadata_field_qc_flags" in plate_cells:
+        plate_cells = plate_cells[plate_cells["Metadata_field_qc_flags"].fillna("") == ""]
+    plate_fields = None
+    if fields is not None:
+        plate_fields = fields[fields["Metadata_Plate"].astype(str) == plate]
     samples = sorted(set(wells["sample"]) - {""})
 
     sections = [
         _summary_section(plate, wells, plate_cells, positive_class, negative_class),
         _layout_section(wells, positive_class),
-        _qc_section(wells, skipped_fields),
+        _qc_section(wells, plate_fields, skipped_fields),
         _samples_section(per_sample, samples, plate_cells, positive_class),
         _wells_section(wells),
         _evaluation_section(evaluation, positive_class, negative_class),
@@ -291,21 +324,24 @@ def _summary_section(
     positive_class: str,
     negative_class: str,
 ) -> str:
-    """Key numbers of the plate."""
-    n_cells = int(wells["n_cells"].sum())
-    n_positive = int(wells["n_positive"].sum())
+    """Key numbers of the plate; after QC: cells in passing fields of passing wells."""
+    passing = wells[wells["passes_qc"].astype(bool)]
+    n_cells = int(passing["n_cells_after_qc"].sum())
+    n_positive = int(passing["n_positive"].sum())
     low, high = wilson_interval(n_positive, n_cells, confidence=CONFIDENCE)
     fraction = n_positive / n_cells if n_cells else math.nan
-    mean_probability = float(cells["probability"].mean()) if len(cells) else math.nan
+    counted = cells[cells["Metadata_Well"].isin(passing["well"])] if "Metadata_Well" in cells else cells
+    mean_probability = float(counted["Cells_probability"].mean()) if len(counted) else math.nan
     rows = [
         ("plate", plate),
         ("positive class", positive_class),
         ("negative class", negative_class),
         ("wells in the plate map", _format(len(wells))),
-        ("wells with cells", _format(int((wells["n_cells"] > 0).sum()))),
-        ("wells flagged by QC", _format(int((wells["qc_flags"] != "").sum()))),
-        ("cells", _format(n_cells)),
-        (f"cells predicted {positive_class}", _format(n_positive)),
+        ("wells failing QC", _format(len(wells) - len(passing))),
+        ("wells with QC flags", _format(int((wells["qc_flags"] != "").sum()))),
+        ("cells before QC", _format(int(wells["n_cells_before_qc"].sum()))),
+        ("cells after QC", _format(n_cells)),
+        (f"cells predicted {positive_class} after QC", _format(n_positive)),
         (
             f"fraction {positive_class} ({_percent(CONFIDENCE)} Wilson CI)",
             f"{_format(fraction)} {_interval(float(low), float(high))}",
@@ -317,52 +353,95 @@ def _summary_section(
 
 
 def _layout_section(wells: pd.DataFrame, positive_class: str) -> str:
-    """Plate-layout heatmaps of the positive fraction and the cell count."""
+    """Plate-layout heatmaps of the positive fraction, the cell count and the QC status."""
     n_wells, n_rows, n_columns = infer_plate_format(wells["well"])
     positions = [_well_position(well) for well in wells["well"]]
+    shape = (n_rows, n_columns)
     fraction = _plate_heatmap(
         positions,
         wells["fraction_positive"].to_numpy(dtype=np.float64),
-        shape=(n_rows, n_columns),
-        title=f"fraction {positive_class}",
+        shape=shape,
+        title=f"fraction {positive_class} (after QC)",
         cmap="viridis",
         vmax=1.0,
         value_format="{:.2f}",
     )
-    counts = wells["n_cells"].to_numpy(dtype=np.float64)
+    counts = wells["n_cells_after_qc"].to_numpy(dtype=np.float64)
     count_map = _plate_heatmap(
         positions,
         counts,
-        shape=(n_rows, n_columns),
-        title="cells per well",
+        shape=shape,
+        title="cells per well (after QC)",
         cmap="magma",
         vmax=max(1.0, float(np.nanmax(counts, initial=0.0))),
         value_format="{:.0f}",
     )
+    # 0: passed without flags, 1: flagged fields left out but the well passes, 2: well fails
+    status = np.where(~wells["passes_qc"].astype(bool), 2.0, np.where(wells["qc_flags"] != "", 1.0, 0.0))
+    qc_map = _plate_heatmap(
+        positions,
+        status,
+        shape=shape,
+        title="QC status",
+        cmap=_QC_COLOURS,
+        vmax=2.0,
+        value_format="{:.0f}",
+        annotations=[_qc_code(flags) for flags in wells["qc_flags"]],
+        colorbar=False,
+    )
     return (
         f"<h2>Plate layout ({n_wells}-well plate)</h2>\n"
         '<p class="note">Grey: well not in the plate map. '
-        "&times;: plate-map well without cells.</p>\n"
+        "&times;: plate-map well without cells after QC. QC status: green passed, amber passed "
+        "with flagged fields left out, red failed (left out of the per-sample and per-plate "
+        f"tables); letters: {_escape(', '.join(f'{code} {flag}' for flag, code in _QC_CODES.items()))}.</p>\n"
         f'<div class="plots"><img src="{fraction}" alt="heatmap of the fraction '
         f'{_escape(positive_class)} per well">'
-        f'<img src="{count_map}" alt="heatmap of the cell count per well"></div>'
+        f'<img src="{count_map}" alt="heatmap of the cell count per well">'
+        f'<img src="{qc_map}" alt="map of the QC status per well"></div>'
     )
 
 
-def _qc_section(wells: pd.DataFrame, skipped_fields: pd.DataFrame | None) -> str:
-    """Wells with QC flags, and fields skipped at ingest."""
+def _qc_section(wells: pd.DataFrame, fields: pd.DataFrame | None, skipped_fields: pd.DataFrame | None) -> str:
+    """Wells and fields with QC flags, and fields skipped at ingest."""
     parts = ["<h2>Quality control</h2>"]
     flagged = wells[wells["qc_flags"] != ""]
     if flagged.empty:
-        parts.append("<p>All wells passed quality control.</p>")
+        parts.append("<p>All wells and fields passed quality control.</p>")
     else:
-        columns = [c for c in ("well", "sample", "condition", "n_cells", "qc_flags") if c in wells]
+        columns = [
+            "well",
+            "sample",
+            "n_fields",
+            "n_fields_after_qc",
+            "n_cells_before_qc",
+            "n_cells_after_qc",
+            "qc_flags",
+            "passes_qc",
+        ]
+        n_failed = int((~flagged["passes_qc"].astype(bool)).sum())
         parts.append(
             _table(
-                flagged[columns],
-                caption=f"{len(flagged)} flagged well(s); they are left out of the per-sample summary.",
+                flagged[[c for c in columns if c in wells]],
+                caption=f"{len(flagged)} well(s) with QC flags; the cells of flagged fields are left "
+                f"out everywhere, and the {n_failed} well(s) failing QC are left out of the per-sample "
+                "and per-plate tables.",
             )
         )
+    if fields is not None:
+        bad = fields[fields["qc_flags"].fillna("") != ""]
+        if not bad.empty:
+            # the raw focus is a small number of no meaning alone: the relative focus is shown
+            shown = bad.drop(columns=["Metadata_Plate", "focus"]).rename(
+                columns={"Metadata_Well": "well", "Metadata_Site": "field"}
+            )
+            parts.append(
+                _table(
+                    shown,
+                    caption=f"{len(bad)} field(s) flagged: relative focus is the field's focus over the "
+                    "plate's median; contrast is its std / mean.",
+                )
+            )
     if skipped_fields is not None and not skipped_fields.empty:
         parts.append(
             _table(
@@ -387,9 +466,9 @@ def _samples_section(
             "bootstrap over wells (well).",
         ),
     ]
-    cell_samples = cells["sample"].fillna("").astype(str)
+    cell_samples = cells["Metadata_Sample"].fillna("").astype(str)
     groups = [
-        (sample, cells.loc[cell_samples == sample, "probability"].to_numpy(dtype=np.float64))
+        (sample, cells.loc[cell_samples == sample, "Cells_probability"].to_numpy(dtype=np.float64))
         for sample in samples
     ]
     groups = [(sample, values) for sample, values in groups if len(values)]
@@ -476,22 +555,35 @@ def _plate_heatmap(
     *,
     shape: tuple[int, int],
     title: str,
-    cmap: str,
+    cmap: str | Colormap,
     vmax: float,
     value_format: str,
+    annotations: Sequence[str] | None = None,
+    colorbar: bool = True,
 ) -> str:
-    """Heatmap of one value per well on the plate grid, as a data URI."""
+    """Heatmap of one value per well on the plate grid, as a data URI.
+
+    Wells are labelled with their value (``value_format``), or with ``annotations``
+    (one string per position) when given; labels are drawn up to 12 columns.
+    """
     n_rows, n_columns = shape
     grid = np.full(shape, np.nan)
     present = np.zeros(shape, dtype=bool)
+    labels = np.full(shape, "", dtype=object)
     for (row, column), value in zip(positions, values, strict=True):
         grid[row, column] = value
         present[row, column] = True
+        labels[row, column] = value_format.format(value)
+    if annotations is not None:
+        for (row, column), text in zip(positions, annotations, strict=True):
+            labels[row, column] = text
     # Sized so that the two heatmaps of a 96- or 384-well plate fit side by side.
     cell_inches = 0.42 if n_columns <= 12 else 0.22 if n_columns <= 24 else 0.11
     fig = _new_figure(n_columns * cell_inches + 1.6, n_rows * cell_inches + 0.9)
     ax = fig.add_subplot()
-    colours = matplotlib.colormaps[cmap].with_extremes(bad=_ABSENT_COLOUR)
+    colours = (matplotlib.colormaps[cmap] if isinstance(cmap, str) else cmap).with_extremes(
+        bad=_ABSENT_COLOUR
+    )
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=colours, vmin=0.0, vmax=vmax)
     # A plate-map well without a value (no cells) must not look like an absent well.
     rows, columns = np.nonzero(present & np.isnan(grid))
@@ -503,7 +595,7 @@ def _plate_heatmap(
             ax.text(
                 column,
                 row,
-                value_format.format(grid[row, column]),
+                labels[row, column],
                 ha="center",
                 va="center",
                 fontsize=7,
@@ -518,7 +610,8 @@ def _plate_heatmap(
     ax.grid(which="minor", color="white", linewidth=1.0)
     ax.tick_params(which="both", length=0)
     ax.set_title(title, parse_math=False, fontsize=10)
-    fig.colorbar(image, ax=ax, shrink=0.8)
+    if colorbar:
+        fig.colorbar(image, ax=ax, shrink=0.8)
     return figure_to_data_uri(fig)
 
 
@@ -735,6 +828,11 @@ def _well_position(well: str) -> tuple[int, int]:
     for letter in letters:
         row = row * 26 + (ord(letter) - ord("A") + 1)
     return row - 1, int(digits) - 1
+
+
+def _qc_code(flags: str) -> str:
+    """Letters of a ";"-joined flag string (:data:`_QC_CODES`), "" when it has none."""
+    return "".join(_QC_CODES.get(flag, "?") for flag in flags.split(";") if flag)
 
 
 def _row_name(row: int) -> str:

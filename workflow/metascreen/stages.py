@@ -202,10 +202,13 @@ def measure_well(
     well: str,
     settings: dict[str, Any],
     channel: int,
+    saturation_level: float | None,
     table_path: str | Path,
     crops_path: str | Path,
+    fields_path: str | Path,
 ) -> None:
-    """Measure every cell of a well and store its fixed-size crops (see :func:`measure_fields`)."""
+    """Measure every cell of a well and store its fixed-size crops (see :func:`measure_fields`),
+    and every field's quality-control metrics (:func:`metascreen.measure.field_quality`)."""
     fields = [
         (
             field,
@@ -215,12 +218,25 @@ def measure_well(
         for field in ngff.field_indices(zarr_path, well)
     ]
     cells, crops = measure_fields(fields, plate, well, settings)
+    quality = pd.DataFrame(
+        [
+            {
+                "plate": plate,
+                "well": well,
+                "field": field,
+                **measure.field_quality(plane, labels, saturation_level=saturation_level),
+            }
+            for field, plane, labels in fields
+        ],
+        columns=["plate", "well", "field", *measure.FIELD_QUALITY_COLUMNS],
+    )
     channels = ["image", "mask"] if settings["with_mask"] else ["image"]
     write_crops(
         crops_path,
         crops,
         {"plate": plate, "well": well, "crop_size": settings["crop_size"], "channels": channels},
     )
+    write_table(quality, fields_path)
     write_table(cells, table_path)
     log.info("%s %s: %d cells measured, crops %s", plate, well, len(cells), crops.shape)
 
@@ -440,34 +456,58 @@ def classify_well(
 def collect_plate(
     measure_tables: Sequence[str | Path],
     classify_tables: Sequence[str | Path],
+    field_tables: Sequence[str | Path],
     platemap: pd.DataFrame,
     positive_class: str,
-    output_path: str | Path,
+    qc_settings: dict[str, Any],
+    cells_path: str | Path,
+    fields_path: str | Path,
 ) -> None:
-    """Join a plate's per-well measurements, predictions and plate map into one per-cell table."""
-    keys = ["plate", "well", "field", "label"]
-    features = pd.concat([pd.read_parquet(path) for path in measure_tables], ignore_index=True)
-    predictions = pd.concat([pd.read_parquet(path) for path in classify_tables], ignore_index=True)
-    cells = features.merge(predictions, on=keys, how="left", validate="one_to_one")
-    cells = cells.merge(platemap, on=["plate", "well"], how="left", validate="many_to_one")
-    cells["is_positive"] = cells["predicted_class"] == positive_class
-    write_table(cells, output_path)
+    """Write a plate's field QC table and its per-cell table (plate map, features, predictions).
+
+    ``qc_settings`` is the config's ``qc`` section; its field thresholds are applied here
+    (:func:`metascreen.aggregate.field_table`).
+    """
+
+    def read(paths: Sequence[str | Path]) -> pd.DataFrame:
+        return pd.concat([pd.read_parquet(path) for path in paths], ignore_index=True)
+
+    fields = aggregate.field_table(
+        read(field_tables),
+        min_relative_focus=qc_settings["min_relative_focus"],
+        max_saturated_fraction=qc_settings["max_saturated_fraction"],
+        min_contrast=qc_settings["min_contrast"],
+    )
+    cells = aggregate.cell_table(
+        read(measure_tables), read(classify_tables), platemap, fields, positive_class=positive_class
+    )
+    write_table(fields, fields_path)
+    write_table(cells, cells_path)
+    flagged = fields[fields["qc_flags"] != ""]
+    log.info("%d cells; %d of %d fields flagged by QC", len(cells), len(flagged), len(fields))
 
 
 def summarize(
     cell_tables: Sequence[str | Path],
+    field_tables: Sequence[str | Path],
     platemap: pd.DataFrame,
+    qc_settings: dict[str, Any],
     settings: dict[str, Any],
     outputs: dict[str, str | Path],
 ) -> None:
-    """Per-well, per-sample and per-plate tables (CSV and Parquet) across all plates."""
+    """Per-well, per-sample and per-plate tables (CSV and Parquet) across all plates.
+
+    ``qc_settings`` and ``settings`` are the config's ``qc`` and ``aggregate`` sections.
+    """
     cells = pd.concat([pd.read_parquet(path) for path in cell_tables], ignore_index=True)
+    fields = pd.concat([pd.read_parquet(path) for path in field_tables], ignore_index=True)
+    min_cells = qc_settings["min_cells_per_well"]
     tables = {
-        "per_well": aggregate.per_well_summary(cells, platemap, min_cells=settings["min_cells_per_well"]),
+        "per_well": aggregate.per_well_summary(cells, fields, platemap, min_cells=min_cells),
         "per_sample": aggregate.per_sample_summary(
-            cells, platemap, n_bootstrap=settings["n_bootstrap"], min_cells=settings["min_cells_per_well"]
+            cells, fields, platemap, n_bootstrap=settings["n_bootstrap"], min_cells=min_cells
         ),
-        "per_plate": aggregate.per_plate_summary(cells, platemap),
+        "per_plate": aggregate.per_plate_summary(cells, fields, platemap, min_cells=min_cells),
     }
     for name, table in tables.items():
         write_table(table, outputs[f"{name}_csv"])
@@ -479,25 +519,27 @@ def _gallery(
 ) -> dict[str, list[tuple[str, np.ndarray]]]:
     """Most confident and most uncertain example cells per predicted class."""
     gallery: dict[str, list[tuple[str, np.ndarray]]] = {}
-    confidence = (cells["probability"] - 0.5).abs()
+    probability = cells["Cells_probability"]
+    confidence = (probability - 0.5).abs()
     for role in ("positive", "negative"):
         name = classes[role]
-        of_class = cells[cells["predicted_class"] == name]
+        of_class = confidence[cells["Metadata_predicted_class"] == name]
         picks = {
-            f"most confident {name}": of_class.loc[
-                confidence[of_class.index].sort_values(ascending=False).index[:per_class]
-            ],
-            f"most uncertain {name}": of_class.loc[
-                confidence[of_class.index].sort_values().index[:per_class]
-            ],
+            f"most confident {name}": of_class.sort_values(ascending=False).index[:per_class],
+            f"most uncertain {name}": of_class.sort_values().index[:per_class],
         }
         for caption, chosen in picks.items():
             examples = []
-            for row in chosen.itertuples():
-                crop = zarr.open_array(str(crops_dir / f"{row.well}.zarr"), mode="r")[int(row.crop_index), 0]
-                examples.append(
-                    (f"{row.well} f{row.field} #{row.label} p={row.probability:.2f}", np.asarray(crop))
+            for index in chosen:
+                cell = cells.loc[index]
+                well, field, label = (
+                    cell["Metadata_Well"],
+                    cell["Metadata_Site"],
+                    cell["Metadata_ObjectNumber"],
                 )
+                crops = zarr.open_array(str(crops_dir / f"{well}.zarr"), mode="r")
+                crop = np.asarray(crops[int(cell["Metadata_crop_index"]), 0])
+                examples.append((f"{well} f{field} #{label} p={probability[index]:.2f}", crop))
             gallery[caption] = examples
     return gallery
 
@@ -505,6 +547,7 @@ def _gallery(
 def report_plate(
     plate: str,
     cell_table: str | Path,
+    fields_path: str | Path,
     per_well_path: str | Path,
     per_sample_path: str | Path,
     evaluation_path: str | Path,
@@ -521,6 +564,7 @@ def report_plate(
     from metascreen import model, report
 
     cells = pd.read_parquet(cell_table)
+    fields = pd.read_parquet(fields_path)
     per_well = pd.read_parquet(per_well_path)
     per_sample = pd.read_parquet(per_sample_path)
     layout = read_json(plan_path)
@@ -534,8 +578,9 @@ def report_plate(
     html = report.render_plate_report(
         plate=plate,
         per_well=per_well[per_well["plate"] == plate],
-        per_sample=per_sample[per_sample["sample"].isin(cells["sample"].unique())],
+        per_sample=per_sample[per_sample["sample"].isin(cells["Metadata_Sample"].unique())],
         cells=cells,
+        fields=fields,
         evaluation=read_json(evaluation_path),
         gallery=_gallery(cells, Path(crops_dir), config["classes"]),
         provenance=provenance,

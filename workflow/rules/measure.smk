@@ -4,6 +4,7 @@ rule measure_well:
     output:
         table="results/{plate}/measure/{well}.parquet",
         crops=directory("results/{plate}/crops/{well}.zarr"),
+        fields="results/{plate}/fields/{well}.parquet",
     log:
         "results/logs/{plate}/measure/{well}.log",
     conda:
@@ -16,7 +17,9 @@ rule measure_well:
         zarr=zarr_path,
         settings=settings_json("measure"),
         channel=config["segment"]["channel"],
+        saturation_level=json.dumps(config["qc"]["saturation_level"]),
     shell:
         "python -m metascreen measure --zarr {params.zarr} --plate {wildcards.plate} "
         "--well {wildcards.well} --settings {params.settings:q} --channel {params.channel} "
-        "--table {output.table} --crops {output.crops} 2> {log}"
+        "--saturation-level {params.saturation_level:q} --table {output.table} "
+        "--crops {output.crops} --fields {output.fields} 2> {log}"

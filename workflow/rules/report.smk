@@ -1,6 +1,7 @@
 rule report_plate:
     input:
         cells="results/{plate}/{plate}_cells.parquet",
+        fields="results/{plate}/{plate}_fields.parquet",
         per_well="results/summary/per_well.parquet",
         per_sample="results/summary/per_sample.parquet",
         evaluation="results/model/evaluation.json",
@@ -10,7 +11,12 @@ rule report_plate:
             "results/{plate}/crops/{well}.zarr", wildcards.plate
         ),
     output:
-        "results/{plate}/report.html",
+        report(
+            "results/{plate}/report.html",
+            caption="../../report/plate_report.rst",
+            category="Reports",
+            labels={"plate": "{plate}"},
+        ),
     log:
         "results/logs/{plate}/report.log",
     conda:
@@ -24,9 +30,9 @@ rule report_plate:
         config=json.dumps(config, sort_keys=True),
     shell:
         "python -m metascreen report --plate {wildcards.plate} --cells {input.cells} "
-        "--per-well {input.per_well} --per-sample {input.per_sample} --evaluation {input.evaluation} --plan {input.plan} "
-        "--model {input.model} --crops-dir {params.crops_dir} "
-        "--config {params.config:q} --output {output} 2> {log}"
+        "--fields {input.fields} --per-well {input.per_well} --per-sample {input.per_sample} "
+        "--evaluation {input.evaluation} --plan {input.plan} --model {input.model} "
+        "--crops-dir {params.crops_dir} --config {params.config:q} --output {output} 2> {log}"
 
 
 rule report_index:
@@ -34,7 +40,12 @@ rule report_index:
         per_plate="results/summary/per_plate.parquet",
         per_sample="results/summary/per_sample.parquet",
     output:
-        "results/summary/report.html",
+        report(
+            "results/summary/report.html",
+            caption="../../report/index_report.rst",
+            category="Reports",
+            labels={"plate": "all plates"},
+        ),
     log:
         "results/logs/summary/report.log",
     conda:
