@@ -9,10 +9,12 @@ an interrupted job never leaves a well or a label image that looks complete.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import dask
 import dask.array as da
@@ -27,7 +29,10 @@ from ome_zarr.writer import (
     write_well_metadata,
 )
 from zarr.codecs import BloscCodec
+from zarr.core.group import GroupMetadata
+from zarr.core.metadata import ArrayV3Metadata
 from zarr.core.sync import sync  # runs a coroutine on the loop of zarr's synchronous API
+from zarr.storage import MemoryStore
 
 from metascreen.discover import read_tiff_tczyx
 
@@ -88,54 +93,24 @@ def _shards(shape: Sequence[int], chunk_yx: int | None) -> tuple[int, ...]:
     return tuple(-(-edge // chunk) * chunk for edge, chunk in zip(shape, chunks, strict=True))
 
 
-def _write_pyramid(
-    group: zarr.Group,
-    base: np.ndarray,
-    *,
-    factors: Sequence[int],
-    pixel_size: Sequence[float],
-    downsample: Callable[[np.ndarray], np.ndarray],
-    chunk_yx: int | None,
-    shard: bool,
-    compression_level: int,
-    skip_empty_chunks: bool,
-) -> list[dict]:
-    """Write ``base`` (t, c, z, y, x) and its downsampled levels; return the NGFF datasets.
+@functools.lru_cache(maxsize=64)
+def _array_metadata(
+    shape: tuple[int, ...], dtype: np.dtype, chunk_yx: int | None, shard: bool, compression_level: int
+) -> ArrayV3Metadata:
+    """Zarr metadata of one pyramid level (made once per geometry, on a scratch store)."""
+    return zarr.create_array(
+        MemoryStore(),
+        shape=shape,
+        chunks=_chunks(shape, chunk_yx),
+        shards=_shards(shape, chunk_yx) if shard else None,
+        dtype=dtype,
+        compressors=[BloscCodec(cname="zstd", clevel=compression_level, shuffle="bitshuffle")],
+        dimension_names=list(AXES),
+    ).metadata
 
-    Chunks are one plane (or ``chunk_yx`` tiles of it); with ``shard`` the chunks of a
-    level are grouped into one shard per field, which keeps the file count low.
-    ``skip_empty_chunks`` leaves chunks that hold only zeros unwritten: worth it for
-    labels of sparse fields, while for images the check costs ~40% of the write time.
-    All levels are created and written in one call on zarr's event loop: zarr's
-    per-call overhead holds the GIL, and one call per level kept a second thread idle.
-    """
-    levels = [base]
-    for _ in factors:
-        levels.append(downsample(levels[-1]))
-    codec = BloscCodec(cname="zstd", clevel=compression_level, shuffle="bitshuffle")
 
-    async def write_levels() -> None:
-        parent = await zarr.api.asynchronous.open_group(store=group.store, path=group.path, mode="r+")
-        arrays = await asyncio.gather(
-            *(
-                parent.create_array(
-                    f"s{index}",
-                    shape=level.shape,
-                    chunks=_chunks(level.shape, chunk_yx),
-                    shards=_shards(level.shape, chunk_yx) if shard else None,
-                    dtype=level.dtype,
-                    compressors=[codec],
-                    dimension_names=list(AXES),
-                    config={"write_empty_chunks": not skip_empty_chunks},
-                )
-                for index, level in enumerate(levels)
-            )
-        )
-        await asyncio.gather(
-            *(array.setitem(Ellipsis, level) for array, level in zip(arrays, levels, strict=True))
-        )
-
-    sync(write_levels())
+def _datasets(factors: Sequence[int], pixel_size: Sequence[float]) -> list[dict]:
+    """NGFF datasets of a pyramid: level paths with their scale and translation."""
     datasets = []
     for index, factor in enumerate([1, *factors]):
         scale = [1.0, 1.0, 1.0, *(size * factor for size in pixel_size)]
@@ -151,6 +126,70 @@ def _write_pyramid(
             }
         )
     return datasets
+
+
+def _multiscales_attributes(datasets: list[dict], name: str, **metadata: Any) -> dict:
+    """The attributes that ome-zarr-py writes for a multiscales image (built on a scratch group)."""
+    scratch = zarr.open_group(MemoryStore(), mode="w", zarr_format=3)
+    write_multiscales_metadata(
+        scratch, datasets, fmt=FormatV05(), axes=AXES, axes_units=AXES_UNITS, name=name, **metadata
+    )
+    return scratch.attrs.asdict()
+
+
+def _write_image(
+    parent: zarr.Group,
+    key: str,
+    base: np.ndarray,
+    *,
+    name: str,
+    factors: Sequence[int],
+    pixel_size: Sequence[float],
+    downsample: Callable[[np.ndarray], np.ndarray],
+    chunk_yx: int | None,
+    shard: bool,
+    compression_level: int,
+    skip_empty_chunks: bool,
+    **metadata: Any,
+) -> None:
+    """Create the multiscales image ``key`` in ``parent``: ``base`` (t, c, z, y, x) and its
+    downsampled levels, with the NGFF metadata of :func:`_multiscales_attributes` (its
+    ``name`` and any further ``metadata``).
+
+    Chunks are one plane (or ``chunk_yx`` tiles of it); with ``shard`` the chunks of a
+    level are grouped into one shard per field, which keeps the file count low.
+    ``skip_empty_chunks`` leaves chunks that hold only zeros unwritten: worth it for
+    labels of sparse fields, while for images the check costs ~40% of the write time.
+    The image group, its arrays and their data are written in one call on zarr's event
+    loop, and the nodes are made from metadata built once per geometry: zarr's per-call
+    overhead holds the GIL, and creating each array on its own re-checks every parent
+    group (13 of ~55 ms for a 2048 px uint16 field, single-threaded).
+    """
+    levels = [base]
+    for _ in factors:
+        levels.append(downsample(levels[-1]))
+    datasets = _datasets(factors, pixel_size)
+    paths = [f"{key}/{dataset['path']}" for dataset in datasets]
+    nodes: dict[str, GroupMetadata | ArrayV3Metadata] = {
+        key: GroupMetadata(attributes=_multiscales_attributes(datasets, name, **metadata), zarr_format=3),
+        **{
+            path: _array_metadata(level.shape, level.dtype, chunk_yx, shard, compression_level)
+            for path, level in zip(paths, levels, strict=True)
+        },
+    }
+    config = {"write_empty_chunks": not skip_empty_chunks}
+
+    async def create_and_write() -> None:
+        group = await zarr.api.asynchronous.open_group(store=parent.store, path=parent.path, mode="r+")
+        created = {path: node async for path, node in group.create_hierarchy(nodes)}
+        await asyncio.gather(
+            *(
+                created[path].with_config(config).setitem(Ellipsis, level)
+                for path, level in zip(paths, levels, strict=True)
+            )
+        )
+
+    sync(create_and_write())
 
 
 def create_plate(path: str | Path, plate: str, wells: Sequence[str], field_count: int) -> zarr.Group:
@@ -259,9 +298,9 @@ def write_well(
     def write_field(field: dict) -> None:
         image = read_field(field["files"], field_shape, file_shape, dtype)
         index = field["field"]
-        group = well_group.require_group(str(index))
-        datasets = _write_pyramid(
-            group,
+        _write_image(
+            well_group,
+            str(index),
             image,
             factors=pyramid_factors(image.shape[-2:]),
             pixel_size=(pixel_size_um, pixel_size_um),
@@ -270,13 +309,6 @@ def write_well(
             shard=shard,
             compression_level=compression_level,
             skip_empty_chunks=False,
-        )
-        write_multiscales_metadata(
-            group,
-            datasets,
-            fmt=FormatV05(),
-            axes=AXES,
-            axes_units=AXES_UNITS,
             name=f"{well}_{index}",
             metadata={"omero": _omero(channel_names, image.shape[1], image.dtype)},
         )
@@ -315,11 +347,12 @@ def write_field_labels(plate_path: str | Path, well: str, field: int, labels: np
     labels_group = image_group.require_group("labels")
     partial = image_path / "labels" / f".{LABELS_NAME}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    label_group = zarr.open_group(str(partial), mode="w", zarr_format=3)
     scale = multiscales["datasets"][0]["coordinateTransformations"][0]["scale"]
-    datasets = _write_pyramid(
-        label_group,
+    _write_image(
+        labels_group,
+        partial.name,
         labels.reshape(1, 1, 1, *labels.shape),
+        name=LABELS_NAME,
         factors=pyramid_factors(labels.shape),
         pixel_size=scale[-2:],
         downsample=downsample_nearest,
@@ -327,9 +360,6 @@ def write_field_labels(plate_path: str | Path, well: str, field: int, labels: np
         shard=False,
         compression_level=3,
         skip_empty_chunks=True,
-    )
-    write_multiscales_metadata(
-        label_group, datasets, fmt=FormatV05(), axes=AXES, axes_units=AXES_UNITS, name=LABELS_NAME
     )
     write_label_metadata(labels_group, partial.name, source={"image": "../../"}, fmt=FormatV05())
     final = image_path / "labels" / LABELS_NAME
