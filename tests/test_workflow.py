@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -20,28 +18,11 @@ from ome_zarr_models.v05.image import Image
 from metascreen.aggregate import CELL_KEYS
 
 from .conftest import ROOT
+from .small_plate import BIN, planned_jobs, run, snakemake_command
 
-BIN = Path(sys.executable).parent
 # Four pure wells per class (the minimum for a train/val/test split by well plus margin)
 # and three mixed samples.
 WELLS = ["A01", "B05", "C03", "D04", "A04", "B02", "C01", "D05", "A06", "B03", "D02", "A05", "C02", "D06"]
-
-
-def snakemake(workdir: Path, *arguments: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    command = [
-        str(BIN / "snakemake"),
-        "--snakefile",
-        str(ROOT / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-        "--cores",
-        "2",
-        *arguments,
-    ]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +48,7 @@ def finished_run(tmp_path_factory) -> Path:
     config["platemap"] = "plate/platemap.csv"
     config["aggregate"]["n_bootstrap"] = 200
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(workdir)
-    assert result.returncode == 0, result.stderr[-5000:]
+    run(snakemake_command(workdir))
     return workdir
 
 
@@ -109,24 +89,12 @@ def test_outputs_follow_the_contract(finished_run):
 
 @pytest.mark.slow
 def test_snakemake_report_bundles_the_marked_outputs(finished_run):
-    result = snakemake(finished_run, "--report", "report.zip")
-    assert result.returncode == 0, result.stderr[-5000:]
+    run(snakemake_command(finished_run, "--report", "report.zip"))
     with zipfile.ZipFile(finished_run / "report.zip") as bundle:
         names = bundle.namelist()
     # the marked outputs, under report/data/raw/{hash}/: both reports and the three CSV tables
     marked = sorted(Path(name).name for name in names if name.startswith("report/data/raw/"))
     assert marked == ["per_plate.csv", "per_sample.csv", "per_well.csv", "report.html", "report.html"], names
-
-
-def planned_jobs(workdir: Path) -> dict[str, int]:
-    """Jobs per rule that a dry run would execute (Snakemake's job-count table)."""
-    result = snakemake(workdir, "--dry-run", "--quiet", "rules")
-    counts = {}
-    for line in (result.stdout + result.stderr).splitlines():
-        words = line.split()
-        if len(words) == 2 and words[1].isdigit() and words[0] != "total":
-            counts[words[0]] = int(words[1])
-    return counts
 
 
 @pytest.mark.slow
@@ -138,6 +106,7 @@ def test_rerun_redoes_only_the_unfinished_well(finished_run):
     for path in (
         "segment/C02.json",
         "measure/C02.parquet",
+        "fields/C02.parquet",
         "classify/C02.parquet",
         "demo_cells.parquet",
         "report.html",
