@@ -453,6 +453,11 @@ def classify_well(
 
 
 # ---------------------------------------------------------------- aggregation and reports
+def _read_tables(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """Parquet tables (e.g. one per well) stacked into one."""
+    return pd.concat([pd.read_parquet(path) for path in paths], ignore_index=True)
+
+
 def collect_plate(
     measure_tables: Sequence[str | Path],
     classify_tables: Sequence[str | Path],
@@ -468,18 +473,18 @@ def collect_plate(
     ``qc_settings`` is the config's ``qc`` section; its field thresholds are applied here
     (:func:`metascreen.aggregate.field_table`).
     """
-
-    def read(paths: Sequence[str | Path]) -> pd.DataFrame:
-        return pd.concat([pd.read_parquet(path) for path in paths], ignore_index=True)
-
     fields = aggregate.field_table(
-        read(field_tables),
+        _read_tables(field_tables),
         min_relative_focus=qc_settings["min_relative_focus"],
         max_saturated_fraction=qc_settings["max_saturated_fraction"],
         min_contrast=qc_settings["min_contrast"],
     )
     cells = aggregate.cell_table(
-        read(measure_tables), read(classify_tables), platemap, fields, positive_class=positive_class
+        _read_tables(measure_tables),
+        _read_tables(classify_tables),
+        platemap,
+        fields,
+        positive_class=positive_class,
     )
     write_table(fields, fields_path)
     write_table(cells, cells_path)
@@ -499,8 +504,8 @@ def summarize(
 
     ``qc_settings`` and ``settings`` are the config's ``qc`` and ``aggregate`` sections.
     """
-    cells = pd.concat([pd.read_parquet(path) for path in cell_tables], ignore_index=True)
-    fields = pd.concat([pd.read_parquet(path) for path in field_tables], ignore_index=True)
+    cells = _read_tables(cell_tables)
+    fields = _read_tables(field_tables)
     min_cells = qc_settings["min_cells_per_well"]
     tables = {
         "per_well": aggregate.per_well_summary(cells, fields, platemap, min_cells=min_cells),
@@ -519,6 +524,7 @@ def _gallery(
 ) -> dict[str, list[tuple[str, np.ndarray]]]:
     """Most confident and most uncertain example cells per predicted class."""
     gallery: dict[str, list[tuple[str, np.ndarray]]] = {}
+    crops_of: dict[str, zarr.Array] = {}  # each well's crops, opened once
     probability = cells["Cells_probability"]
     confidence = (probability - 0.5).abs()
     for role in ("positive", "negative"):
@@ -537,8 +543,9 @@ def _gallery(
                     cell["Metadata_Site"],
                     cell["Metadata_ObjectNumber"],
                 )
-                crops = zarr.open_array(str(crops_dir / f"{well}.zarr"), mode="r")
-                crop = np.asarray(crops[int(cell["Metadata_crop_index"]), 0])
+                if well not in crops_of:
+                    crops_of[well] = zarr.open_array(str(crops_dir / f"{well}.zarr"), mode="r")
+                crop = np.asarray(crops_of[well][int(cell["Metadata_crop_index"]), 0])
                 examples.append((f"{well} f{field} #{label} p={probability[index]:.2f}", crop))
             gallery[caption] = examples
     return gallery
