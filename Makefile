@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RUN := PATH=$(BIN):$$PATH
 DEMO := resources/demo
 
-.PHONY: setup demo demo-data test test-cluster lint bench clean
+.PHONY: setup demo demo-data test test-cluster lint bench pretrain-segmenter clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,12 @@ lint: setup
 
 bench: setup
 	$(RUN) python -m benchmarks
+
+# Retrain the shipped segmentation weights from scratch on the synthetic world (deterministic for
+# the seed on CPU; ~40 min on 2 cores, minutes on a GPU). Writes workflow/metascreen/segment/weights/.
+SEGMENTER_SEED ?= 0
+pretrain-segmenter: setup
+	$(RUN) metascreen pretrain-segmenter --seed $(SEGMENTER_SEED)
 
 clean:
 	rm -rf results/*/ .snakemake $(DEMO)

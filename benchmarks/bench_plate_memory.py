@@ -1,24 +1,23 @@
 """Peak memory of jobs against plate size: a 24-well against a 384-well plate.
 
-Each job runs as the workflow runs it (``python -m metascreen ...``, its own process; peak RSS from
-``wait4``). Per-well job: ingest of one well, whose plan lists every well of the plate. Plate-wide
-job: collect, which joins a plate's per-well measurement, prediction and field QC tables (synthetic,
-``CELLS_PER_WELL`` cells of ``FEATURES`` features each) into its per-cell and field tables.
+Each job runs as the workflow runs it (``metascreen ...``), in a fresh process of its own whose
+peak resident memory is its own (see :mod:`benchmarks.memory`). Per-well job: ingest of one
+well, whose plan lists every well of the plate. Plate-wide job: collect, which joins a plate's
+per-well measurement, prediction and field QC tables (synthetic, ``CELLS_PER_WELL`` cells of
+``FEATURES`` features each) into its per-cell and field tables.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import tifffile
 
-from metascreen import config
+from benchmarks.memory import in_fresh_process
+from metascreen import cli, config
 
 SIZES = (24, 384)
 FIELDS = 2
@@ -45,16 +44,11 @@ def _wells(n: int) -> list[str]:
 
 
 def _peak_rss_mb(*arguments: str, cwd: Path) -> float:
-    """Run ``python -m metascreen ...`` and return its peak resident memory (MB)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "metascreen", *arguments], cwd=cwd, stderr=subprocess.PIPE
-    )
-    _, status, usage = os.wait4(process.pid, 0)
-    error = process.stderr.read().decode()
-    process.stderr.close()
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"metascreen {arguments[0]} failed:\n{error[-3000:]}")
-    return usage.ru_maxrss / 1024
+    """Run ``metascreen ...`` in a fresh process of its own and return its peak resident memory (MB)."""
+    status, peak = in_fresh_process(cli.main, list(arguments), cwd=cwd)
+    if status:
+        raise RuntimeError(f"metascreen {arguments[0]} failed with status {status}")
+    return peak
 
 
 def _ingest_peak(workdir: Path, wells: list[str]) -> float:
@@ -106,6 +100,7 @@ def _collect_peak(workdir: Path, wells: list[str]) -> float:
                 "focus": rng.uniform(0.5, 1.0),
                 "saturated_fraction": 0.0,
                 "contrast": 0.1,
+                "nan_fraction": 0.0,
             }
         ).to_parquet(fields[-1])
     platemap = pd.DataFrame({"plate": "plate", "well": wells, "sample": "s", "train_class": ""})

@@ -1,14 +1,30 @@
-"""Segmentation quality (AP@0.5) and single-core throughput of segment + measure + crops.
+"""Segmentation quality (AP@0.5), generalisation to unseen styles, and throughput.
 
-* ``ap50_synthetic``: pooled ``TP / (TP + FP + FN)`` of the default (label-free) backend
-  over in-focus synthetic 512 x 512 fields (:func:`metascreen.synth.render_field`);
-  ``ap50_synthetic_out_of_focus`` the same over strongly defocused fields.
+Quality of the default backend (:data:`metascreen.segment.DEFAULT_METHOD`):
+
+* ``ap50_synthetic`` / ``ap50_synthetic_out_of_focus``: pooled ``TP / (TP + FP + FN)``
+  over in-focus / strongly defocused demo-plate fields (:func:`metascreen.synth.render_field`).
 * ``ap50_dsb``: the ``nuclei`` backend on the DSB 2018 nuclei image of the shared data
   (``../shared/data/dsb2018_nuclei``, 125 nuclei); NaN where that folder is absent.
-* ``mpx_per_s_per_core``: megapixels per second of segmentation + measurement + crops
-  (64 px, with mask) of 2048 x 2048 synthetic fields of ~600 cells, one thread (numpy /
-  scipy / scikit-image run these single-threaded; BLAS threads are capped at 1), best of
-  :data:`REPEATS` runs per field, so it is a per-core figure. Target >= 2.
+
+The learned backend, with the shipped weights, against ``label_free``:
+
+* ``ap50_by_style`` / ``ap50_by_style_label_free``: AP@0.5 per style of
+  :mod:`metascreen.styles` on fields of seeds no training field used, at their true
+  cell diameter.
+* ``ap50_leave_one_style_out``: for each style, a network trained at reduced budget
+  (:data:`LOSO_STEPS` steps, env ``METASCREEN_BENCH_LOSO_STEPS``) on every *other*
+  style, scored on that unseen style; ``ap50_reduced_all_styles`` is the same budget
+  trained on all styles, so the gap measures what being unseen costs.
+* ``ap50_dsb_learned``: zero-shot on the DSB nuclei image, cell diameter estimated
+  (``auto``); ``dsb_estimated_diameter`` the estimate (the truth's median is ~20 px).
+
+Throughput on 2048 x 2048 fields of ~600 cells, one thread (a per-core figure):
+
+* ``mpx_per_s_per_core``: segmentation + measurement + crops with the default backend.
+* ``mpx_per_s_per_core_learned`` / ``mpx_per_s_per_core_label_free``: segmentation
+  alone, both backends on the same fields in the same run; ``mpx_per_s_gpu`` and
+  ``gpu_name`` for the learned backend when CUDA is available.
 """
 
 from __future__ import annotations
@@ -18,28 +34,27 @@ import os
 for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")  # effective when numpy is not imported yet
 
+import dataclasses  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
+import torch  # noqa: E402
 
-from metascreen import measure, segment, synth  # noqa: E402
+from metascreen import measure, segment, styles, synth  # noqa: E402
+from metascreen.segment import learned, train  # noqa: E402
+from metascreen.segment.network import save_network  # noqa: E402
 
 DSB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018_nuclei"
 SYNTHETIC_FIELDS = 6
+STYLE_FIELDS = 4
 BIG_SHAPE = (2048, 2048)
 BIG_CELLS = 600
 BIG_FIELDS = 2
 REPEATS = 2
-
-
-def _pooled_ap(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
-    counts = np.zeros(3)
-    for truth, labels in pairs:
-        scores = segment.match_instances(truth, labels)
-        counts += [scores["tp"], scores["fp"], scores["fn"]]
-    return float(counts[0] / counts.sum()) if counts.sum() else 1.0
+LOSO_STEPS = int(os.environ.get("METASCREEN_BENCH_LOSO_STEPS", "600"))
+LOSO_FIELDS_PER_STYLE = 8
 
 
 def _synthetic_ap(out_of_focus: bool) -> float:
@@ -49,28 +64,97 @@ def _synthetic_ap(out_of_focus: bool) -> float:
         image, truth, _ = synth.render_field(
             rng, fraction_positive=index / (SYNTHETIC_FIELDS - 1), n_cells=40, out_of_focus=out_of_focus
         )
-        pairs.append((truth, segment.segment(image, "label_free")))
-    return _pooled_ap(pairs)
+        diameter = (
+            {"cell_diameter": train.median_diameter(truth)} if segment.DEFAULT_METHOD == "learned" else {}
+        )
+        pairs.append((truth, segment.segment(image, segment.DEFAULT_METHOD, **diameter)))
+    return segment.pooled_ap(pairs)
 
 
-def _dsb_ap() -> float:
+def _dsb() -> dict[str, float]:
     if not DSB.is_dir():
-        return float("nan")
+        return {
+            "ap50_dsb": float("nan"),
+            "ap50_dsb_learned": float("nan"),
+            "dsb_estimated_diameter": float("nan"),
+        }
     image = tifffile.imread(DSB / "img2d.tif")
     truth = tifffile.imread(DSB / "mask2d.tif")
-    return _pooled_ap([(truth, segment.segment(image, "nuclei"))])
+    estimate = learned.estimate_cell_diameter([image])["cell_diameter"]
+    return {
+        "ap50_dsb": segment.pooled_ap([(truth, segment.segment(image, "nuclei"))]),
+        "ap50_dsb_learned": segment.pooled_ap(
+            [(truth, segment.segment(image, "learned", cell_diameter=estimate))]
+        ),
+        "dsb_estimated_diameter": estimate,
+    }
 
 
-def _throughput() -> dict[str, float]:
-    stages = {"segment": 0.0, "measure": 0.0, "crops": 0.0}
-    n_cells = 0
+def _label_free_by_style(seed: int) -> dict[str, float]:
+    scores = {}
+    for name in styles.STYLE_NAMES:
+        fields = train.render_training_fields([name], STYLE_FIELDS, (256, 256), seed)
+        scores[name] = segment.pooled_ap(
+            [(labels, segment.segment(image, "label_free")) for _, image, labels in fields]
+        )
+    return scores
+
+
+def _reduced_budget_run(path: Path, style_names: list[str], seed: int) -> Path:
+    """Train at the reduced budget on ``style_names``; the weights at ``path``."""
+    settings = dataclasses.replace(
+        train.TrainingSettings(), steps=LOSO_STEPS, fields_per_style=LOSO_FIELDS_PER_STYLE, seed=seed
+    )
+    fields = train.render_training_fields(style_names, settings.fields_per_style, settings.field_shape, seed)
+    save_network(train.train_network(fields, settings, progress_every=0), path, {"styles": style_names})
+    return path
+
+
+def _generalisation(workdir: Path, seed: int) -> dict[str, dict[str, float]]:
+    everything = list(styles.STYLE_NAMES)
+    reduced = _reduced_budget_run(workdir / "all_styles.safetensors", everything, seed)
+    all_styles = train.evaluate_styles(reduced, everything, fields_per_style=STYLE_FIELDS, seed=seed)
+    unseen = {}
+    for name in everything:
+        others = [other for other in everything if other != name]
+        weights = _reduced_budget_run(workdir / f"without_{name}.safetensors", others, seed)
+        unseen[name] = train.evaluate_styles(weights, [name], fields_per_style=STYLE_FIELDS, seed=seed)[name]
+        print(
+            f"  leave-one-style-out {name:<28} {unseen[name]:.3f} (all styles: {all_styles[name]:.3f})",
+            flush=True,
+        )
+    return {"ap50_leave_one_style_out": unseen, "ap50_reduced_all_styles": all_styles}
+
+
+def _segmentation_speed(images: list[np.ndarray], method: str, **parameters) -> float:
+    best = []
+    for image in images:
+        times = []
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            segment.segment(image, method, **parameters)
+            times.append(time.perf_counter() - start)
+        best.append(min(times))
+    return len(images) * BIG_SHAPE[0] * BIG_SHAPE[1] / 1e6 / sum(best)
+
+
+def _throughput() -> dict[str, float | str]:
+    torch.set_num_threads(1)
+    images, truths = [], []
     for index in range(BIG_FIELDS):
         rng = np.random.default_rng(2000 + index)
-        image, _, _ = synth.render_field(rng, fraction_positive=0.5, shape=BIG_SHAPE, n_cells=BIG_CELLS)
+        image, truth, _ = synth.render_field(rng, fraction_positive=0.5, shape=BIG_SHAPE, n_cells=BIG_CELLS)
+        images.append(image)
+        truths.append(truth)
+    diameter = train.median_diameter(truths[0])
+    default = {"cell_diameter": diameter, "device": "cpu"} if segment.DEFAULT_METHOD == "learned" else {}
+    stages = {"segment": 0.0, "measure": 0.0, "crops": 0.0}
+    n_cells = 0
+    for image in images:
         best = dict.fromkeys(stages, np.inf)
         for _ in range(REPEATS):
             start = time.perf_counter()
-            labels = segment.segment(image, "label_free")
+            labels = segment.segment(image, segment.DEFAULT_METHOD, **default)
             segmented = time.perf_counter()
             table = measure.measure_cells(labels, image)
             measured = time.perf_counter()
@@ -84,20 +168,41 @@ def _throughput() -> dict[str, float]:
         for name in stages:
             stages[name] += best[name]
     megapixels = BIG_FIELDS * BIG_SHAPE[0] * BIG_SHAPE[1] / 1e6
-    total = sum(stages.values())
-    return {
+    figures: dict[str, float | str] = {
         "megapixels": megapixels,
         "cells": n_cells,
         **{f"{name}_s_per_field": seconds / BIG_FIELDS for name, seconds in stages.items()},
-        "mpx_per_s_per_core": megapixels / total,
+        "mpx_per_s_per_core": megapixels / sum(stages.values()),
+        "mpx_per_s_per_core_learned": _segmentation_speed(
+            images, "learned", cell_diameter=diameter, device="cpu"
+        ),
+        "mpx_per_s_per_core_label_free": _segmentation_speed(images, "label_free"),
     }
+    if torch.cuda.is_available():
+        _segmentation_speed(images[:1], "learned", cell_diameter=diameter, device="cuda")  # warm-up
+        figures["mpx_per_s_gpu"] = _segmentation_speed(
+            images, "learned", cell_diameter=diameter, device="cuda"
+        )
+        figures["gpu_name"] = torch.cuda.get_device_name()
+    return figures
 
 
 def run(workdir: Path) -> dict:
-    del workdir  # nothing is written
-    return {
+    metadata = learned.load_segmenter(None, "cpu")[1]
+    figures = {
+        "default_method": segment.DEFAULT_METHOD,
         "ap50_synthetic": _synthetic_ap(out_of_focus=False),
         "ap50_synthetic_out_of_focus": _synthetic_ap(out_of_focus=True),
-        "ap50_dsb": _dsb_ap(),
+        **_dsb(),
+        "ap50_by_style": train.evaluate_styles(
+            learned.SHIPPED_WEIGHTS,
+            list(styles.STYLE_NAMES),
+            fields_per_style=STYLE_FIELDS,
+            seed=metadata["data_seed"],
+        ),
+        "ap50_by_style_label_free": _label_free_by_style(metadata["eval_seed"]),
         **_throughput(),
     }
+    if LOSO_STEPS > 0:
+        figures.update(_generalisation(workdir, seed=metadata["data_seed"]), loso_steps=LOSO_STEPS)
+    return figures

@@ -109,6 +109,7 @@ def _raw_fields(stage_cells: pd.DataFrame, platemap: pd.DataFrame) -> pd.DataFra
         focus=np.where(with_cells, np.where(out_of_focus, 0.1, 1.0), np.nan),
         saturated_fraction=0.0,
         contrast=0.05,
+        nan_fraction=0.0,
     )
 
 
@@ -200,13 +201,34 @@ def test_field_table_thresholds():
             "focus": [2.0, 2.0, 2.0, 0.6, 2.0],
             "saturated_fraction": [0.0, 0.02, 0.01, 0.0, np.nan],
             "contrast": [0.05, 0.05, 0.05, 0.05, 0.001],
+            "nan_fraction": 0.0,
         }
     )
     flags = field_table(raw, min_relative_focus=0.25, max_saturated_fraction=0.01, min_contrast=0.005)
     # focus 0.6 / median 2.0 = 0.3 passes 0.25; 0.01 is not above 0.01; NaN is not flagged.
     assert flags["qc_flags"].tolist() == ["", "saturated", "", "", "empty_field"]
+    assert flags["empty_reason"].tolist() == ["", "", "", "", "low_contrast"]
     flags = field_table(raw, min_relative_focus=0.5, max_saturated_fraction=0.0)
     assert flags["qc_flags"].tolist() == ["", "saturated", "saturated", "out_of_focus", "empty_field"]
+
+
+def test_field_with_nan_pixels_is_empty_for_reason_nan():
+    raw = pd.DataFrame(
+        {
+            "plate": "P",
+            "well": ["A01", "A02", "A03"],
+            "field": 0,
+            "n_cells": [10, 0, 10],
+            "focus": [2.0, np.nan, 2.0],
+            "saturated_fraction": 0.0,
+            "contrast": [0.05, 0.05, 0.05],
+            "nan_fraction": [0.0, 1.0, 0.25],
+        }
+    )
+    flags = field_table(raw)
+    assert flags["qc_flags"].tolist() == ["", "empty_field", "empty_field"]
+    assert flags["empty_reason"].tolist() == ["", "no_cells;nan", "nan"]
+    assert flags["nan_fraction"].tolist() == [0.0, 1.0, 0.25]
 
 
 def test_field_table_rejects_duplicates(stage_cells, platemap):
@@ -579,7 +601,7 @@ def _many_wells(
         {"plate": plate, "well": wells, "sample": sample, "condition": "", "cell_line": "", "train_class": ""}
     )
     raw = platemap[["plate", "well"]].assign(
-        field=0, n_cells=40, focus=1.0, saturated_fraction=0.0, contrast=0.05
+        field=0, n_cells=40, focus=1.0, saturated_fraction=0.0, contrast=0.05, nan_fraction=0.0
     )
     fields = field_table(raw)
     return _public(stage_cells, platemap, fields), fields, platemap

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import yaml
 
 from metascreen import synth
-from metascreen.config import ConfigError, read_platemap, validate_config, validate_platemap
+from metascreen.config import (
+    ConfigError,
+    read_platemap,
+    resolve_paths,
+    validate_config,
+    validate_platemap,
+)
 
 from .conftest import ROOT
 
@@ -90,9 +98,40 @@ def test_config_plate_without_wells_is_an_error():
 
 
 def test_shipped_config_and_platemap_are_valid_and_match_the_demo_layout():
-    config = validate_config(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
+    config = resolve_paths(
+        validate_config(yaml.safe_load((ROOT / "config" / "config.yaml").read_text())), ROOT / "config"
+    )
+    assert Path(config["plates"]["demo"]["images"]).resolve() == ROOT / "resources" / "demo" / "images"
     table = validate_platemap(
-        read_platemap(ROOT / config["platemap"]), plates=list(config["plates"]), classes=config["classes"]
+        read_platemap(config["platemap"]), plates=list(config["plates"]), classes=config["classes"]
     )
     layout = synth.demo_layout().astype(str).sort_values(["plate", "well"], ignore_index=True)
     pd.testing.assert_frame_equal(table[layout.columns], layout)
+
+
+@pytest.mark.parametrize(
+    ("text", "encoding"),
+    [
+        ("plate,well,sample\np1,A01,s1\np1,B02,s2\n", "utf-8-sig"),  # a byte-order mark (Excel)
+        ("plate;well;sample\np1;A01;s1\np1;B02;s2\n", "utf-8"),  # semicolons (comma-decimal locales)
+        ("plate,well,sample\r\np1,A01,s1\r\np1,B02,s2\r\n", "utf-8"),  # Windows line ends
+        ("plate\twell\tsample\np1\tA01\ts1\np1\tB02\ts2\n", "utf-8"),  # tabs in a .csv
+    ],
+    ids=["bom", "semicolons", "crlf", "tabs"],
+)
+def test_platemap_dialects_read_alike(tmp_path, text, encoding):
+    path = tmp_path / "map.csv"
+    path.write_bytes(text.encode(encoding))
+    table = validate_platemap(read_platemap(path), plates=["p1"], classes=CLASSES)
+    assert table[["plate", "well", "sample"]].values.tolist() == [["p1", "A01", "s1"], ["p1", "B02", "s2"]]
+
+
+def test_relative_paths_are_relative_to_the_config_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = {"plates": {"p": {"images": "img"}, "q": {"images": "/data/q"}}, "platemap": "../map.csv"}
+    resolved = resolve_paths(config, tmp_path / "runs" / "one")
+    assert resolved["plates"]["p"]["images"] == str(Path("runs/one/img"))
+    assert resolved["plates"]["q"]["images"] == "/data/q"
+    assert resolved["platemap"] == str(Path("runs/map.csv"))
+    assert resolve_paths(config, ".")["plates"]["p"]["images"] == "img"
+    assert config["plates"]["p"]["images"] == "img"  # the input is left as it was

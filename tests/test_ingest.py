@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,136 @@ def write_tiffs(folder: Path, wells: list[str], fields: int = 2, channels: int =
 def test_presets_parse_vendor_names(name, preset, expected):
     groups = discover.naming_pattern(preset).match(name).groupdict()
     assert (discover.normalise_well(groups["well"]), int(groups["field"]), int(groups["channel"])) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "preset", "expected"),
+    [
+        # MetaXpress appends the image's GUID; one site has no _s, one wavelength no _w
+        (
+            "Week1_150607_B02_s1_w1EB868A72-19FC-46BB-BDFA-66B8966A817C.tif",
+            "imagexpress",
+            {"plate": "Week1_150607", "well": "B02", "field": "1", "channel": "1"},
+        ),
+        ("Plate_B03_w2.TIF", "imagexpress", {"well": "B03", "field": None, "channel": "2"}),
+        ("Plate_B03_s4.TIF", "imagexpress", {"well": "B03", "field": "4", "channel": None}),
+        ("MFGTMP_140206180002_A01f12d4.TIF", "cellomics", {"well": "A01", "field": "12", "channel": "4"}),
+        # Harmony: p = plane (Z), ch = channel, sk = time point
+        (
+            "r03c12f09p05-ch3sk17fk1fl1.tiff",
+            "operetta",
+            {"row": "03", "col": "12", "field": "09", "z": "05", "channel": "3", "t": "17"},
+        ),
+        # Incucyte: the channel after the vessel; LIVECell's trailing crop index
+        (
+            "A172_Phase_A7_1_00d00h00m.tif",
+            "incucyte",
+            {"plate": "A172", "channel": "Phase", "well": "A7", "field": "1", "t": "00d00h00m", "tile": None},
+        ),
+        (
+            "Exp1_Green_B3_2_01d12h30m.tif",
+            "incucyte",
+            {"plate": "Exp1", "channel": "Green", "well": "B3", "field": "2", "t": "01d12h30m"},
+        ),
+        ("A172_Phase_A7_1_00d00h00m_1.tif", "incucyte", {"plate": "A172", "well": "A7", "tile": "1"}),
+        ("VID1_B3_1_00d04h00m.tif", "incucyte", {"plate": "VID1", "channel": None, "t": "00d04h00m"}),
+    ],
+)
+def test_presets_read_documented_export_names(name, preset, expected):
+    groups = discover.naming_pattern(preset).match(name).groupdict()
+    assert {key: groups[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "preset"),
+    [
+        ("Week1_150607_B02_s1_thumbEB868A72-19FC-46BB-BDFA-66B8966A817C.tif", "imagexpress"),
+        ("r02c03f01p01-ch1.tiff", "operetta"),
+        ("A172_Phase_A7_00d00h00m.tif", "incucyte"),
+    ],
+)
+def test_presets_refuse_thumbnails_and_partial_names(name, preset):
+    assert discover.naming_pattern(preset).match(name) is None
+
+
+def test_incucyte_phase_and_green_export_is_one_plate_with_phase_first(tmp_path):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    for channel, value in (("Green", 7), ("Phase", 3)):
+        for stamp in ("00d00h00m", "00d12h00m"):
+            for well in ("A7", "B3"):
+                tifffile.imwrite(
+                    folder / f"Exp1_{channel}_{well}_1_{stamp}.tif", np.full((16, 16), value, np.uint8)
+                )
+    plate, layout = ingest_all(folder, tmp_path, ["A07", "B03"], preset="incucyte")
+    assert layout["shape"] == [2, 2, 1, 16, 16] and layout["n_files"] == 8
+    stored = ngff.field_image(plate, "B03", 0).compute()
+    assert stored[:, 0].max() == 3 and stored[:, 1].min() == 7  # Phase is channel 0, Green channel 1
+
+
+def test_livecell_crop_index_makes_fields_of_its_own(tmp_path):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    for index in (1, 2, 3):
+        tifffile.imwrite(folder / f"A172_Phase_A7_1_00d00h00m_{index}.tif", np.full((8, 8), index, np.uint8))
+    tifffile.imwrite(folder / "A172_Phase_A7_2_00d00h00m_1.tif", np.full((8, 8), 9, np.uint8))
+    files, unmatched = discover.discover_files(folder, discover.naming_pattern("incucyte"))
+    assert unmatched == [] and files["field"].tolist() == [0, 1, 2, 3]
+    assert [Path(path).name for path in files["path"]] == [
+        "A172_Phase_A7_1_00d00h00m_1.tif",
+        "A172_Phase_A7_1_00d00h00m_2.tif",
+        "A172_Phase_A7_1_00d00h00m_3.tif",
+        "A172_Phase_A7_2_00d00h00m_1.tif",
+    ]
+
+
+def test_operetta_time_points_stack_along_t(tmp_path):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    for t in (1, 2, 10):
+        for plane in (1, 2):
+            image = np.full((8, 8), 10 * t + plane, np.uint16)
+            tifffile.imwrite(folder / f"r01c01f01p{plane:02d}-ch1sk{t}fk1fl1.tiff", image)
+    plate, layout = ingest_all(folder, tmp_path, ["A01"], preset="operetta")
+    assert layout["shape"] == [3, 1, 2, 8, 8]
+    assert ngff.field_image(plate, "A01", 0).compute()[:, 0, :, 0, 0].tolist() == [
+        [11, 12],
+        [21, 22],
+        [101, 102],
+    ]
+
+
+def test_an_empty_image_folder_says_it_is_empty(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / ".DS_Store").write_text("")
+    with pytest.raises(discover.DiscoveryError, match=r"image folder .*img is empty"):
+        discover.discover_files(tmp_path / "img", discover.naming_pattern("imagexpress"))
+    (tmp_path / "img" / "notes.txt").write_text("")
+    with pytest.raises(discover.DiscoveryError, match=r"matches the naming pattern .*'notes.txt'"):
+        discover.discover_files(tmp_path / "img", discover.naming_pattern("imagexpress"))
+
+
+def test_omero_window_spans_the_pixels_of_each_field_and_the_manifest_the_well(tmp_path):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    fields = [
+        rng.integers(1273, 2429, (64, 64)).astype(np.uint16),
+        rng.integers(1500, 3000, (64, 64)).astype(np.uint16),
+    ]
+    for index, image in enumerate(fields):
+        tifffile.imwrite(folder / f"P1_A01_s{index + 1}_w1.TIF", image)
+    plate, _ = ingest_all(folder, tmp_path, ["A01"])
+    for index, image in enumerate(fields):
+        omero = zarr.open_group(str(plate / "A" / "01" / str(index)), mode="r").attrs["ome"]["omero"]
+        window = omero["channels"][0]["window"]
+        sample = image[::4, ::4]
+        assert (window["min"], window["max"]) == (0.0, 65535.0)
+        assert window["start"] == pytest.approx(np.percentile(sample, 1))
+        assert window["end"] == pytest.approx(np.percentile(sample, 99))
+    manifest = json.loads((tmp_path / "A01.json").read_text())
+    assert manifest["window"][0]["start"] == pytest.approx(np.percentile(fields[0][::4, ::4], 1))
+    assert manifest["window"][0]["end"] == pytest.approx(np.percentile(fields[1][::4, ::4], 99))
 
 
 def test_user_regex_needs_named_groups(tmp_path):

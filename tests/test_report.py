@@ -146,7 +146,7 @@ def build_tables() -> dict[str, pd.DataFrame]:
             }
             for (plate, well, field), n in n_cells.items()
         ]
-    ).assign(saturated_fraction=0.0, contrast=0.05)
+    ).assign(saturated_fraction=0.0, contrast=0.05, nan_fraction=0.0)
     fields = field_table(raw_fields)
     keys = ["plate", "well", "field", "label"]
     cells = cell_table(
@@ -259,9 +259,10 @@ def test_qc_table_lists_flagged_wells_and_fields(page):
     assert ["B02", NASTY, "2", "1", "35", "30", "out_of_focus", "yes"] in rows
     assert ["C03", "ctrl", "1", "0", "0", "0", "empty_field;no_cells", "no"] in rows
     assert ["D05", "", "1", "1", "7", "7", "too_few_cells", "no"] in rows
-    # the flagged fields: well, field, n_cells, relative focus, saturated, contrast, flags
-    assert ["B02", "1", "5", "0.100", "0.000", "0.050", "out_of_focus"] in rows
-    assert ["C03", "0", "0", "–", "0.000", "0.050", "empty_field"] in rows
+    # the flagged fields: well, field, n_cells, relative focus, saturated, contrast, NaN pixels, flags,
+    # why a field is empty
+    assert ["B02", "1", "5", "0.100", "0.000", "0.050", "0.000", "out_of_focus", ""] in rows
+    assert ["C03", "0", "0", "–", "0.000", "0.050", "0.000", "empty_field", "no_cells"] in rows
 
 
 def test_every_image_is_an_embedded_png(page):

@@ -187,7 +187,8 @@ def test_renaming_a_sample_reruns_only_aggregation_and_reports(uninterrupted_run
 def test_changing_a_segmentation_parameter_reruns_segmentation_onwards(uninterrupted_run, tmp_path):
     workdir = _edited_copy(uninterrupted_run, tmp_path)
     config = yaml.safe_load((workdir / "config.yaml").read_text())
-    config["segment"].setdefault("label_free", {})["min_area"] = 90
+    # a recovery threshold: segmentation reruns, the plates' cell-diameter estimates do not
+    config["segment"].setdefault("learned", {})["seed_threshold"] = 0.6
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     n_wells = sum(len(wells) for _, wells in PLATES.values())
     assert planned_jobs(workdir) == {

@@ -14,6 +14,7 @@ import zarr
 from metascreen import ngff, stages
 from metascreen.config import validate_config
 from metascreen.segment import (
+    DEFAULT_METHOD,
     SEGMENTERS,
     match_instances,
     segment,
@@ -251,9 +252,9 @@ def test_nuclei_reach_target_average_precision_on_dsb2018(shared_data):
 
 
 def test_registry_dispatches_to_the_backends():
-    assert set(SEGMENTERS) == {"label_free", "nuclei"}
+    assert set(SEGMENTERS) == {"learned", "label_free", "nuclei"}
     image, _ = discs([(64, 50), (64, 78)])
-    np.testing.assert_array_equal(segment(image), segment_label_free(image))
+    np.testing.assert_array_equal(segment(image, "label_free"), segment_label_free(image))
     np.testing.assert_array_equal(
         segment(image, "label_free", min_area=50), segment_label_free(image, min_area=50)
     )
@@ -272,12 +273,18 @@ def test_schema_documents_every_backend_parameter_with_its_default():
     section = yaml.safe_load(SCHEMA.read_text())["properties"]["segment"]
     assert section["additionalProperties"] is False
     properties = section["properties"]
-    assert properties["method"]["enum"] == sorted(SEGMENTERS)
-    assert properties["method"]["default"] == "label_free"
+    assert sorted(properties["method"]["enum"]) == sorted(SEGMENTERS)
+    assert properties["method"]["default"] == DEFAULT_METHOD
+    # keys the workflow turns into a backend parameter (a diameter in µm, via the pixel size)
+    workflow_only = {"learned": {"cell_diameter_um"}}
     for name, backend in SEGMENTERS.items():
         schema = properties[name]
         assert schema["additionalProperties"] is False and schema["default"] == {}
-        documented = {key: value["default"] for key, value in schema["properties"].items()}
+        documented = {
+            key: value["default"]
+            for key, value in schema["properties"].items()
+            if key not in workflow_only.get(name, set())
+        }
         assert documented == backend.defaults, name
         assert all(value.get("description") for value in schema["properties"].values())
 

@@ -18,8 +18,9 @@ Quality control
 ---------------
 QC acts at two levels; "after QC" counts what passes both.
 
-* Fields (:func:`field_table`): ``empty_field`` when no cell was segmented or the field
-  is nearly uniform (``contrast < min_contrast``: blank, black or fully saturated);
+* Fields (:func:`field_table`): ``empty_field`` when no cell was segmented, the field
+  is nearly uniform (``contrast < min_contrast``: blank, black or fully saturated) or it
+  has NaN pixels (``empty_reason`` says which: ``no_cells``, ``low_contrast``, ``nan``);
   ``out_of_focus`` when its focus is below ``min_relative_focus`` times the median focus
   of the plate's fields with cells (relative, so it holds for any modality and
   exposure); ``saturated`` when more than ``max_saturated_fraction`` of its pixels are
@@ -83,7 +84,9 @@ FIELD_COLUMNS = [
     "relative_focus",
     "saturated_fraction",
     "contrast",
+    "nan_fraction",
     "qc_flags",
+    "empty_reason",
 ]
 
 _KEYS = ["plate", "well"]
@@ -247,22 +250,23 @@ def field_table(
     fields
         One row per field with ``plate``, ``well``, ``field`` and the metrics of
         :func:`metascreen.measure.field_quality` (``n_cells``, ``focus``,
-        ``saturated_fraction``, ``contrast``).
+        ``saturated_fraction``, ``contrast``, ``nan_fraction``).
     min_relative_focus
         Fields whose focus is below this fraction of the plate's median focus (over
         fields with cells) are flagged ``out_of_focus``.
     max_saturated_fraction
         Fields with a larger fraction of saturated pixels are flagged ``saturated``.
     min_contrast
-        Fields without cells or with a lower coefficient of variation are flagged
-        ``empty_field``.
+        Fields without cells, with a lower coefficient of variation or with NaN pixels
+        are flagged ``empty_field``.
 
     Returns
     -------
     pandas.DataFrame
         Columns :data:`FIELD_COLUMNS`, sorted by plate, well and field:
         ``relative_focus`` is the focus over the plate's median, ``qc_flags`` the
-        ";"-joined flags ("" for a field that passed).
+        ";"-joined flags ("" for a field that passed), ``empty_reason`` why a field is
+        ``empty_field`` (";"-joined ``no_cells``, ``low_contrast``, ``nan``; "" otherwise).
 
     Raises
     ------
@@ -271,7 +275,7 @@ def field_table(
     """
     _require_columns(
         fields,
-        [*_FIELD_KEYS, "n_cells", "focus", "saturated_fraction", "contrast"],
+        [*_FIELD_KEYS, "n_cells", "focus", "saturated_fraction", "contrast", "nan_fraction"],
         "the field table",
         "pass the per-field metrics written by the measure stage",
     )
@@ -283,8 +287,14 @@ def field_table(
     with_cells = table["focus"].where(table["n_cells"] > 0)
     plate_focus = with_cells.groupby(table["plate"]).transform("median")
     table["relative_focus"] = (table["focus"] / plate_focus).astype(np.float64)
+    empty_reasons = {
+        "no_cells": table["n_cells"] == 0,
+        "low_contrast": table["contrast"] < min_contrast,
+        "nan": table["nan_fraction"] > 0,
+    }
+    table["empty_reason"] = _flag_strings(empty_reasons)
     flags = {
-        "empty_field": (table["n_cells"] == 0) | (table["contrast"] < min_contrast),
+        "empty_field": table["empty_reason"] != "",
         "out_of_focus": table["relative_focus"] < min_relative_focus,  # NaN compares False
         "saturated": table["saturated_fraction"] > max_saturated_fraction,
     }

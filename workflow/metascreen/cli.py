@@ -8,7 +8,9 @@ of a setting reruns exactly the jobs that use it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import pandas as pd
 import yaml
 
 from metascreen import config as configuration
-from metascreen import stages, synth
+from metascreen import discover, scaffold, stages, styles, synth
 from metascreen.discover import DiscoveryError
 
 
@@ -58,6 +60,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(
         commands,
+        "synth-world",
+        "Write fields of the varied synthetic world (name.tif + name_masks.tif pairs per style).",
+        ("out", {"type": Path}),
+        ("--styles", {"nargs": "+", "help": "style names (default: all; see metascreen.styles)"}),
+        ("--fields-per-style", {"type": int, "default": 4}),
+        ("--size", {"type": int, "default": 256, "help": "field edge in pixels"}),
+        ("--seed", {"type": int, "default": 0}),
+    )
+    _add(
+        commands,
+        "pretrain-segmenter",
+        "Train the learned segmenter from scratch on the synthetic world; write safetensors + JSON metadata.",
+        (
+            "--out",
+            {"type": Path, "default": None, "help": "weights file (default: the package's shipped weights)"},
+        ),
+        ("--seed", {"type": int, "default": 0}),
+        ("--steps", {"type": int, "default": None, "help": "optimiser steps (default: the shipped run's)"}),
+        ("--styles", {"nargs": "+", "help": "style names (default: all)"}),
+        ("--device", {"default": "auto", "help": "auto (CUDA when available), cpu or cuda"}),
+        ("--threads", {"type": int, "default": 2, "help": "CPU threads of torch"}),
+    )
+    _add(
+        commands,
+        "init",
+        "Discover a plate's TIFFs and write a run folder: config.yaml and platemap.csv to fill in.",
+        ("images", {"type": Path, "help": "the plate's image folder"}),
+        ("--preset", {"choices": sorted(discover.PRESETS), "help": "naming preset (default: detected)"}),
+        ("--pattern", {"help": "a regular expression with named groups, instead of a preset"}),
+        ("--out", {"type": Path, "default": Path("."), "help": "run folder (default: here)"}),
+        ("--force", {"action": "store_true", "help": "overwrite an existing config and plate map"}),
+    )
+    _add(
+        commands,
+        "run",
+        "Run the workflow on a run folder (Snakemake with its config, results in the folder).",
+        ("--profile", {"default": "local", "help": "local, slurm or a profile folder (default: local)"}),
+        ("folder", {"type": Path, "help": "run folder holding config.yaml"}),
+        ("snakemake_args", {"nargs": argparse.REMAINDER, "help": "further Snakemake arguments"}),
+    )
+    _add(
+        commands,
         "check",
         "Validate a config file and its plate map; print what would run.",
         ("--config", {"type": Path, "default": Path("config/config.yaml")}),
@@ -92,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
         ("--well", required),
         settings,
         ("--manifest", required),
+        ("--cell-diameter", {"default": None, "help": "the plate's cell-diameter estimate (JSON)"}),
+        threads,
+    )
+    _add(
+        commands,
+        "estimate-diameter",
+        "Estimate a plate's typical cell diameter for the learned segmenter from a sample of fields.",
+        ("--plan", required),
+        settings,
+        ("--output", required),
         threads,
     )
     _add(
@@ -187,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--model", required),
         ("--crops-dir", required),
         ("--config", {"required": True, "type": _json}),
+        ("--cell-diameter", {"default": None, "help": "the plate's cell-diameter estimate (JSON)"}),
         ("--output", required),
     )
     _add(
@@ -202,8 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(config_path: Path) -> None:
+    if not config_path.is_file():
+        raise configuration.ConfigError(f"config: file not found: {config_path}")
     with open(config_path, encoding="utf-8") as handle:
         config = configuration.validate_config(yaml.safe_load(handle) or {})
+    config = configuration.resolve_paths(config, config_path.parent)
     platemap = configuration.validate_platemap(
         configuration.read_platemap(config["platemap"]),
         plates=list(config["plates"]),
@@ -215,10 +273,56 @@ def _check(config_path: Path) -> None:
         print(f"plate {plate}: {len(group)} wells, {n_samples} samples, {n_training} training wells")
 
 
-def run(arguments: argparse.Namespace) -> None:
-    """Dispatch a parsed command line to its stage."""
+def _init(a: argparse.Namespace) -> None:
+    found = scaffold.write_run_folder(a.images, a.out, preset=a.preset, pattern=a.pattern, force=a.force)
+    wells = found["wells"]
+    print(f"{found['n_files']} files ({found['preset']} naming) of plate {found['plate']}:")
+    print(f"  {len(wells)} wells ({wells[0]} ... {wells[-1]}), {found['n_fields']} fields per well")
+    print(
+        f"  {found['n_channels']} channels, {found['n_z']} planes, {found['n_t']} time points, "
+        f"{found['shape'][0]} x {found['shape'][1]} px {found['dtype']}"
+    )
+    if found["unmatched"]:
+        print(f"  {len(found['unmatched'])} files match no naming pattern, e.g. {found['unmatched'][0]}")
+    print(f"wrote {found['config']} and {found['platemap']}. Next:")
+    print(f"  1. fill in sample (and train_class of training wells) in {found['platemap']}")
+    print(f"     and check the commented keys of {found['config']}")
+    print(f"  2. metascreen check --config {found['config']}")
+    print(f"  3. metascreen run {a.out} --dry-run, then metascreen run {a.out}")
+
+
+def _run_folder(a: argparse.Namespace) -> int:
+    if not (a.folder / scaffold.CONFIG_NAME).is_file():
+        raise configuration.ConfigError(
+            f"run folder {a.folder} has no {scaffold.CONFIG_NAME}; write one with metascreen init"
+        )
+    return subprocess.call(scaffold.snakemake_command(a.folder, a.profile, a.snakemake_args))
+
+
+def _pretrain_segmenter(a: argparse.Namespace) -> None:
+    import torch
+
+    from metascreen.segment import learned, train
+
+    torch.set_num_threads(a.threads)
+    out = a.out or learned.SHIPPED_WEIGHTS
+    settings = train.TrainingSettings(seed=a.seed)
+    if a.steps is not None:
+        settings = dataclasses.replace(settings, steps=a.steps)
+    metadata = train.pretrain(out, style_names=a.styles, settings=settings, device=a.device)
+    print(f"segmenter weights written to {out} (metadata: {Path(out).with_suffix('.json')})")
+    for style, ap in metadata["ap50_by_style"].items():
+        print(f"  AP@0.5 {style:<28} {ap:.3f}")
+
+
+def run(arguments: argparse.Namespace) -> int:
+    """Dispatch a parsed command line to its stage; returns the exit status."""
     a = arguments
-    if a.command == "synth":
+    if a.command == "init":
+        _init(a)
+    elif a.command == "run":
+        return _run_folder(a)
+    elif a.command == "synth":
         layout = synth.demo_layout()
         if a.wells:
             layout = layout[layout["well"].isin(a.wells)]
@@ -232,6 +336,13 @@ def run(arguments: argparse.Namespace) -> None:
             channels=a.channels,
         )
         print(f"synthetic plate written to {out}")
+    elif a.command == "synth-world":
+        out = styles.write_world(
+            a.out, styles=a.styles, fields_per_style=a.fields_per_style, shape=(a.size, a.size), seed=a.seed
+        )
+        print(f"synthetic fields written to {out}")
+    elif a.command == "pretrain-segmenter":
+        _pretrain_segmenter(a)
     elif a.command == "check":
         _check(a.config)
     elif a.command == "plan":
@@ -239,7 +350,9 @@ def run(arguments: argparse.Namespace) -> None:
     elif a.command == "ingest":
         stages.ingest_well(a.plan, a.zarr, a.well, a.settings, a.manifest, a.threads)
     elif a.command == "segment":
-        stages.segment_well(a.zarr, a.well, a.settings, a.manifest, a.threads)
+        stages.segment_well(a.zarr, a.well, a.settings, a.manifest, a.threads, a.cell_diameter)
+    elif a.command == "estimate-diameter":
+        stages.estimate_cell_diameter(a.plan, a.settings, a.output, a.threads)
     elif a.command == "measure":
         stages.measure_well(
             a.zarr, a.plate, a.well, a.settings, a.channel, a.saturation_level, a.table, a.crops, a.fields
@@ -257,7 +370,10 @@ def run(arguments: argparse.Namespace) -> None:
             a.threads,
         )
     elif a.command == "import-model":
-        stages.import_model(a.source, a.crop_settings, a.model, a.evaluation)
+        try:
+            stages.import_model(a.source, a.crop_settings, a.model, a.evaluation)
+        except (FileNotFoundError, ValueError) as error:  # a missing, corrupt or unfit train.model
+            raise configuration.ConfigError(str(error)) from error
     elif a.command == "classify":
         stages.classify_well(a.table, a.crops, a.model, a.settings, a.output, a.threads)
     elif a.command == "collect":
@@ -292,9 +408,11 @@ def run(arguments: argparse.Namespace) -> None:
             a.crops_dir,
             a.config,
             a.output,
+            a.cell_diameter,
         )
     elif a.command == "report-index":
         stages.report_index(a.plates, a.per_plate, a.per_sample, a.output)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,8 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     stages.configure_logging()
     try:
-        run(arguments)
+        return run(arguments)
     except (configuration.ConfigError, DiscoveryError) as error:
         print(f"metascreen {arguments.command}: error: {error}", file=sys.stderr)
         return 1
-    return 0

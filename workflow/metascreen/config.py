@@ -7,6 +7,7 @@ Every error is one line that names the offending key, well or file, so that a ty
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -84,13 +85,47 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     return validated
 
 
+def resolve_paths(config: dict[str, Any], base: str | Path) -> dict[str, Any]:
+    """The config with its relative paths (``plates.*.images``, ``platemap``,
+    ``segment.learned.weights``) taken from ``base``.
+
+    Paths in a config are relative to the config file's folder (``base``), so a run folder
+    works from anywhere. They are returned relative to the current directory (normalised:
+    a config in the current directory keeps its paths as written); absolute paths stay.
+
+    Examples
+    --------
+    >>> resolve_paths({"plates": {"p": {"images": "img"}}, "platemap": "/a/map.csv"}, "run")
+    {'plates': {'p': {'images': 'run/img'}}, 'platemap': '/a/map.csv'}
+    """
+
+    def resolve(path: str) -> str:
+        return path if Path(path).is_absolute() else os.path.relpath(Path(base) / path)
+
+    resolved = copy.deepcopy(config)
+    for plate in resolved["plates"].values():
+        plate["images"] = resolve(plate["images"])
+    resolved["platemap"] = resolve(resolved["platemap"])
+    learned = resolved.get("segment", {}).get("learned", {})
+    if learned.get("weights"):
+        learned["weights"] = resolve(learned["weights"])
+    return resolved
+
+
 def read_platemap(path: str | Path) -> pd.DataFrame:
-    """Read a CSV or TSV plate map with every column as text."""
+    """Read a plate map with every column as text.
+
+    The separator is the one of tab, comma and semicolon (as a spreadsheet in a comma-decimal
+    locale writes CSV) that the header line holds; a byte-order mark and Windows line ends
+    are allowed.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"platemap: file not found: {path}")
-    separator = "\t" if path.suffix.lower() in {".tsv", ".tab"} else ","
-    return pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False)
+    with open(path, encoding="utf-8-sig") as handle:
+        header = handle.readline()
+    separator = next((candidate for candidate in ("\t", ",", ";") if candidate in header), ",")
+    return pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, encoding="utf-8-sig")
 
 
 def validate_platemap(platemap: pd.DataFrame, *, plates: list[str], classes: dict[str, str]) -> pd.DataFrame:

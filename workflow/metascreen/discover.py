@@ -16,16 +16,32 @@ import numpy as np
 import pandas as pd
 import tifffile
 
+_GUID = r"[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}"
+#: Incucyte channel tokens (the vessel name comes first, the channel after it).
+INCUCYTE_CHANNELS = ("Phase", "Brightfield", "Green", "Red", "NIR", "Blue", "Orange")
 PRESETS: dict[str, str] = {
-    # MetaXpress / ImageXpress: Plate_B03_s2_w1.TIF (thumbnails end in a hex UUID and do not match)
-    "imagexpress": r"^(?P<plate>.+)_(?P<well>[A-Pa-p]\d{1,2})_s(?P<field>\d+)_w(?P<channel>\d+)\.tiff?$",
-    # Cellomics / ArrayScan: AS_09047_050428030001_O01f00d2.TIF
+    # MetaXpress / ImageXpress: Plate_B03_s2_w1.TIF, with the GUID MetaXpress appends
+    # (Plate_B03_s2_w1E9F3...C1D2.tif); without _s for one site, without _w for one wavelength.
+    # Thumbnails (Plate_B03_s2_thumbE9F3....tif) do not match.
+    "imagexpress": (
+        r"^(?P<plate>.+)_(?P<well>[A-Pa-p]\d{1,2})(?:_s(?P<field>\d+))?"
+        rf"(?:_w(?P<channel>\d+)(?:{_GUID})?)?\.tiff?$"
+    ),
+    # Cellomics / ArrayScan: AS_09047_050428030001_O01f00d2.TIF (f = field, d = channel)
     "cellomics": r"^(?P<plate>.+)_(?P<well>[A-Pa-p]\d{2})f(?P<field>\d+)d(?P<channel>\d+)\.tiff?$",
-    # Operetta / Opera Phenix: r02c03f01p01-ch1sk1fk1fl1.tiff (one file per plane)
-    "operetta": r"^r(?P<row>\d{2})c(?P<col>\d{2})f(?P<field>\d+)p(?P<z>\d+)-ch(?P<channel>\d+).*\.tiff?$",
-    # Incucyte: VID1_B3_1_00d00h00m.tif (one file per time point, one channel)
+    # Operetta / Opera Phenix (Harmony): r02c03f01p01-ch1sk1fk1fl1.tiff, one file per plane
+    # (p = Z) and time point (sk)
+    "operetta": (
+        r"^r(?P<row>\d{2})c(?P<col>\d{2})f(?P<field>\d+)p(?P<z>\d+)-ch(?P<channel>\d+)"
+        r"sk(?P<t>\d+)fk\d+fl\d+\.tiff?$"
+    ),
+    # Incucyte: [vessel]_[channel]_[well]_[image]_[time].tif, e.g. A172_Phase_A7_1_00d00h00m.tif
+    # (one file per time point and channel; the channel token is absent in single-channel
+    # exports, VID1_B3_1_00d04h00m.tif), and an optional trailing index (LIVECell's
+    # A172_Phase_A7_1_00d00h00m_1.tif, a crop of the image) that counts as a field of its own
     "incucyte": (
-        r"^(?P<plate>.+?)_(?P<well>[A-Pa-p]\d{1,2})_(?P<field>\d+)_(?P<t>\d{2,}d\d{2}h\d{2}m)\.tiff?$"
+        rf"^(?P<plate>.+?)(?:_(?P<channel>{'|'.join(INCUCYTE_CHANNELS)}))?_(?P<well>[A-Pa-p]\d{{1,2}})"
+        r"_(?P<field>\d+)_(?P<t>\d{2,}d\d{2}h\d{2}m)(?:_(?P<tile>\d+))?\.tiff?$"
     ),
 }
 # tifffile series axes -> ours: pages of unknown meaning (Q, I) are taken as Z planes
@@ -76,6 +92,49 @@ def _row_col_well(groups: dict[str, str]) -> str:
     return normalise_well(f"{letter}{int(groups['col'])}")
 
 
+def axis_key(token: str | None) -> tuple[int, int, str]:
+    """Sort key of a file-name token along an axis.
+
+    Numbers sort by value (``s2`` before ``s10``); Incucyte channel names in the order of
+    :data:`INCUCYTE_CHANNELS` (label-free ``Phase`` first), other names alphabetically after
+    them; a missing token (an optional group that did not match) is 0.
+
+    Examples
+    --------
+    >>> sorted(["Green", "Phase", "10", "2"], key=axis_key)
+    ['2', '10', 'Phase', 'Green']
+    """
+    token = token or "0"
+    if token.isdigit():
+        return (0, int(token), "")
+    known = [name.lower() for name in INCUCYTE_CHANNELS]
+    rank = known.index(token.lower()) if token.lower() in known else len(known)
+    return (1, rank, token)
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The files of an image folder (not hidden ones, not sub-folders), sorted by name.
+
+    Raises
+    ------
+    DiscoveryError
+        If the folder is missing, unreadable or holds no file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DiscoveryError(f"image folder not found or not a folder: {folder}")
+    try:
+        entries = sorted(folder.iterdir())
+    except PermissionError as error:
+        raise DiscoveryError(
+            f"image folder {folder} is not readable ({error}); check its permissions"
+        ) from error
+    files = [path for path in entries if path.is_file() and not path.name.startswith(".")]
+    if not files:
+        raise DiscoveryError(f"image folder {folder} is empty; point plates.*.images at the plate's TIFFs")
+    return files
+
+
 def discover_files(folder: str | Path, pattern: re.Pattern[str]) -> tuple[pd.DataFrame, list[str]]:
     """List the image files of a folder that match a naming pattern.
 
@@ -93,19 +152,8 @@ def discover_files(folder: str | Path, pattern: re.Pattern[str]) -> tuple[pd.Dat
     unmatched : list of str
         Names of files that match no pattern.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DiscoveryError(f"image folder not found or not a folder: {folder}")
-    try:
-        entries = sorted(folder.iterdir())
-    except PermissionError as error:
-        raise DiscoveryError(
-            f"image folder {folder} is not readable ({error}); check its permissions"
-        ) from error
     records, unmatched = [], []
-    for path in entries:
-        if not path.is_file() or path.name.startswith("."):
-            continue
+    for path in image_files(folder):
         match = pattern.match(path.name)
         if match is None:
             unmatched.append(path.name)
@@ -113,18 +161,19 @@ def discover_files(folder: str | Path, pattern: re.Pattern[str]) -> tuple[pd.Dat
         groups = match.groupdict()
         record = {"path": str(path), "well": _row_col_well(groups)}
         for axis in NAMED_AXES:
-            value = groups.get(axis) or "0"
-            record[f"{axis}_key"] = int(value) if value.isdigit() else value
+            record[f"{axis}_key"] = axis_key(groups.get(axis))
+        # a trailing index (a crop of the image) makes a field of its own
+        record["field_key"] = (record["field_key"], axis_key(groups.get("tile")))
         records.append(record)
     if not records:
         raise DiscoveryError(
-            f"no file in {folder} matches the naming pattern {pattern.pattern!r}; "
-            "check ingest.preset (or ingest.pattern)"
+            f"no file in {folder} matches the naming pattern {pattern.pattern!r} "
+            f"(e.g. {unmatched[0]!r}); check ingest.preset (or ingest.pattern)"
         )
     files = pd.DataFrame.from_records(records)
     for axis in NAMED_AXES:
         # 0-based index by sorted order: 1-based (s1) and 0-based (f00) schemes agree
-        ranks = {value: rank for rank, value in enumerate(sorted(files[f"{axis}_key"].unique()))}
+        ranks = {value: rank for rank, value in enumerate(sorted(set(files[f"{axis}_key"])))}
         files[axis] = files[f"{axis}_key"].map(ranks)
     files = files.drop(columns=[f"{axis}_key" for axis in NAMED_AXES])
     duplicated = files[files.duplicated(["well", *NAMED_AXES], keep=False)]

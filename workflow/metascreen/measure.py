@@ -83,7 +83,13 @@ COLUMNS: tuple[str, ...] = (
 )
 
 #: Metrics of :func:`field_quality`, in order.
-FIELD_QUALITY_COLUMNS: tuple[str, ...] = ("n_cells", "focus", "saturated_fraction", "contrast")
+FIELD_QUALITY_COLUMNS: tuple[str, ...] = (
+    "n_cells",
+    "focus",
+    "saturated_fraction",
+    "contrast",
+    "nan_fraction",
+)
 
 #: Gaussian scale (px) of the gradient behind the ``focus`` of :func:`field_quality`.
 FOCUS_SIGMA = 1.0
@@ -245,17 +251,23 @@ def field_quality(
         * ``saturated_fraction``: fraction of pixels at or above ``saturation_level``;
           NaN for a float image without a ``saturation_level``;
         * ``contrast``: coefficient of variation (std / mean) of the whole field; 0 for
-          a constant or all-zero field.
+          a constant or all-zero field;
+        * ``nan_fraction``: fraction of pixels that are NaN or infinite (a float image
+          with gaps). Focus and contrast are computed on the finite pixels (non-finite ones
+          take the field's finite mean before the gradient); 0 for integer images.
     """
     labels, image = _check_pair(labels, image)
     if saturation_level is None and np.issubdtype(image.dtype, np.integer):
         saturation_level = float(np.iinfo(image.dtype).max)
     values = image.astype(np.float64)
-    mean = values.mean() if values.size else 0.0
+    finite = np.isfinite(values)
+    mean = float(values[finite].mean()) if finite.any() else 0.0
+    if not finite.all():
+        values = np.where(finite, values, mean)
     cells = labels > 0
     if cells.any() and mean > 0:
         gradient = ndi.gaussian_gradient_magnitude(values / mean, FOCUS_SIGMA)
-        focus = float(np.mean(gradient[cells] ** 2))
+        focus = float(np.mean(gradient[cells & finite] ** 2)) if (cells & finite).any() else np.nan
     else:
         focus = np.nan
     saturated = np.nan if saturation_level is None else float(np.mean(values >= saturation_level))
@@ -263,7 +275,8 @@ def field_quality(
         "n_cells": int(np.unique(labels[cells]).size),
         "focus": focus,
         "saturated_fraction": saturated,
-        "contrast": float(values.std() / mean) if mean > 0 else 0.0,
+        "contrast": float(values[finite].std() / mean) if mean > 0 else 0.0,
+        "nan_fraction": float(1.0 - finite.mean()) if values.size else 0.0,
     }
 
 

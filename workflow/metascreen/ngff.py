@@ -40,6 +40,10 @@ AXES = "tczyx"
 AXES_UNITS = {"y": "micrometer", "x": "micrometer"}
 LABELS_NAME = "cells"
 MIN_PYRAMID_EDGE = 256
+#: Percentiles of a channel's pixels that span its omero display window (start, end).
+WINDOW_PERCENTILES = (1.0, 99.0)
+#: Every how many pixels in y and x :func:`display_window` samples.
+WINDOW_STRIDE = 4
 
 
 def well_path(well: str) -> str:
@@ -235,12 +239,60 @@ def read_field(
     return field
 
 
-def _omero(channel_names: Sequence[str], n_channels: int, dtype: np.dtype) -> dict:
-    names = [channel_names[c] if c < len(channel_names) else f"channel_{c}" for c in range(n_channels)]
-    value_max = float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
-    window = {"min": 0.0, "max": value_max, "start": 0.0, "end": value_max}
+def display_window(image: np.ndarray, percentiles: tuple[float, float] = WINDOW_PERCENTILES) -> list[dict]:
+    """Display windows of a ``(t, c, z, y, x)`` field, one per channel, for omero metadata.
+
+    Parameters
+    ----------
+    image : (t, c, z, y, x) array
+        A field's pixels.
+    percentiles : (float, float)
+        The window's ``start`` and ``end``: these percentiles of the channel's finite
+        pixels (every :data:`WINDOW_STRIDE`-th pixel in y and x, which is plenty for
+        robust percentiles and keeps the cost far below the write's).
+
+    Returns
+    -------
+    list of dict
+        Per channel ``{"min", "max", "start", "end"}``: ``min`` and ``max`` are the
+        dtype's range for integers, the finite data's range for floats.
+    """
+    windows = []
+    for channel in range(image.shape[1]):
+        sample = image[:, channel, :, ::WINDOW_STRIDE, ::WINDOW_STRIDE]
+        finite = sample[np.isfinite(sample)] if image.dtype.kind == "f" else sample.ravel()
+        if finite.size == 0:
+            windows.append({"min": 0.0, "max": 1.0, "start": 0.0, "end": 1.0})
+            continue
+        start, end = (float(value) for value in np.percentile(finite, percentiles))
+        if image.dtype.kind in "ui":
+            low, high = float(np.iinfo(image.dtype).min), float(np.iinfo(image.dtype).max)
+        else:
+            low, high = float(finite.min()), float(finite.max())
+        windows.append({"min": low, "max": high, "start": start, "end": max(end, start + 1e-6)})
+    return windows
+
+
+def merge_windows(windows: Sequence[Sequence[dict]]) -> list[dict]:
+    """One window per channel that covers every given one (e.g. of a well's fields)."""
+    return [
+        {
+            "min": min(window["min"] for window in channel),
+            "max": max(window["max"] for window in channel),
+            "start": min(window["start"] for window in channel),
+            "end": max(window["end"] for window in channel),
+        }
+        for channel in zip(*windows, strict=True)
+    ]
+
+
+def _omero(channel_names: Sequence[str], windows: Sequence[dict]) -> dict:
+    names = [channel_names[c] if c < len(channel_names) else f"channel_{c}" for c in range(len(windows))]
     return {
-        "channels": [{"label": name, "color": "FFFFFF", "active": True, "window": window} for name in names]
+        "channels": [
+            {"label": name, "color": "FFFFFF", "active": True, "window": window}
+            for name, window in zip(names, windows, strict=True)
+        ]
     }
 
 
@@ -258,11 +310,13 @@ def write_well(
     chunk_yx: int | None = None,
     shard: bool = False,
     num_workers: int = 1,
-) -> None:
+) -> list[dict]:
     """Convert one well's TIFF files into the plate, fields in parallel.
 
     Each field is read whole (all channels and planes: a few fields are in memory at a
-    time, never the well), its pyramid computed with 2x2 means, and written.
+    time, never the well), its pyramid computed with 2x2 means, and written; its omero
+    metadata carries its own display window per channel (:func:`display_window`), so
+    that a viewer shows the cells, not a black image.
 
     Parameters
     ----------
@@ -286,6 +340,11 @@ def write_well(
         Group each level's chunks into one zarr v3 shard per field.
     num_workers : int
         Threads reading and compressing fields at once.
+
+    Returns
+    -------
+    list of dict
+        The well's display window per channel: :func:`merge_windows` of its fields'.
     """
     row_group = Path(plate_path) / well[0]
     final = row_group / well[1:]
@@ -295,9 +354,10 @@ def write_well(
     # a field keeps its acquisition index as its path, also when bad fields were skipped
     write_well_metadata(well_group, [str(field["field"]) for field in fields], fmt=FormatV05())
 
-    def write_field(field: dict) -> None:
+    def write_field(field: dict) -> list[dict]:
         image = read_field(field["files"], field_shape, file_shape, dtype)
         index = field["field"]
+        windows = display_window(image)
         _write_image(
             well_group,
             str(index),
@@ -310,13 +370,15 @@ def write_well(
             compression_level=compression_level,
             skip_empty_chunks=False,
             name=f"{well}_{index}",
-            metadata={"omero": _omero(channel_names, image.shape[1], image.dtype)},
+            metadata={"omero": _omero(channel_names, windows)},
         )
+        return windows
 
     with dask.config.set(scheduler="threads", num_workers=num_workers):
-        dask.compute(*[dask.delayed(write_field)(field) for field in fields])
+        windows = dask.compute(*[dask.delayed(write_field)(field) for field in fields])
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
+    return merge_windows(windows)
 
 
 def field_image(plate_path: str | Path, well: str, field: int, level: int = 0) -> da.Array:

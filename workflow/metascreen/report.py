@@ -439,7 +439,8 @@ def _qc_section(wells: pd.DataFrame, fields: pd.DataFrame | None, skipped_fields
                 _table(
                     shown,
                     caption=f"{len(bad)} field(s) flagged: relative focus is the field's focus over the "
-                    "plate's median; contrast is its std / mean.",
+                    "plate's median; contrast is its std / mean; empty_reason says why a field is "
+                    "empty_field (no_cells, low_contrast, nan: NaN pixels).",
                 )
             )
     if skipped_fields is not None and not skipped_fields.empty:

@@ -21,6 +21,7 @@ import zarr
 
 from metascreen import __version__, aggregate, discover, measure, ngff
 from metascreen import segment as segmentation
+from metascreen.config import ConfigError
 from metascreen.files import atomic_path, read_json, write_json, write_table
 from metascreen.versions import package_versions
 
@@ -97,10 +98,11 @@ def ingest_well(
     manifest_path: str | Path,
     threads: int = 1,
 ) -> None:
-    """Convert one well's TIFFs into the plate; write its manifest last."""
+    """Convert one well's TIFFs into the plate; write its manifest last (with the well's
+    display window per channel, see :func:`metascreen.ngff.write_well`)."""
     layout = read_json(plan_path)
     fields = layout["wells"][well]
-    ngff.write_well(
+    windows = ngff.write_well(
         zarr_path,
         well,
         fields,
@@ -117,7 +119,7 @@ def ingest_well(
     log.info("%s %s: %d fields written", layout["plate"], well, len(fields))
     write_json(
         manifest_path,
-        {"plate": layout["plate"], "well": well, "n_fields": len(fields), "files": fields},
+        {"plate": layout["plate"], "well": well, "n_fields": len(fields), "files": fields, "window": windows},
     )
 
 
@@ -127,21 +129,107 @@ def _segmentation_plane(image: da.Array, channel: int) -> da.Array:
     return image[0, channel, image.shape[2] // 2]
 
 
+def _pixel_size_um(zarr_path: str | Path, well: str, field: int) -> float:
+    """The x pixel size (µm) of a field, from its NGFF coordinate transformations."""
+    group = zarr.open_group(str(Path(zarr_path) / ngff.well_path(well) / str(field)), mode="r")
+    return float(
+        group.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"][-1]
+    )
+
+
+def _backend_parameters(
+    zarr_path: str | Path, well: str, settings: dict[str, Any], cell_diameter_path: str | Path | None
+) -> dict[str, Any]:
+    """The chosen backend's keyword parameters; for ``learned`` the cell diameter in px
+    from ``cell_diameter_um`` and the pixel size, the plate's estimate, or the number given."""
+    method = settings["method"]
+    parameters = dict(settings[method])
+    if method != "learned":
+        return parameters
+    diameter_um = parameters.pop("cell_diameter_um")
+    if diameter_um is not None:
+        parameters["cell_diameter"] = diameter_um / _pixel_size_um(
+            zarr_path, well, ngff.field_indices(zarr_path, well)[0]
+        )
+    elif parameters["cell_diameter"] == "auto":
+        if cell_diameter_path is None:
+            raise ConfigError("segment.learned.cell_diameter is auto but no plate estimate was given")
+        parameters["cell_diameter"] = read_json(cell_diameter_path)["cell_diameter"]
+    return parameters
+
+
+def estimate_cell_diameter(
+    plan_path: str | Path,
+    settings: dict[str, Any],
+    output_path: str | Path,
+    threads: int = 1,
+    max_fields: int = 8,
+) -> dict[str, Any]:
+    """Estimate a plate's typical cell diameter (px) for the learned segmenter.
+
+    Reads the first field of up to ``max_fields`` wells spread evenly over the plate
+    straight from its TIFFs (so that it needs only the plan, not the ingested wells),
+    runs :func:`metascreen.segment.learned.estimate_cell_diameter` on the segmented
+    channel's middle plane, and writes the estimate, the fields used and the ladder of
+    assumed diameters to ``output_path``. A plate on which no assumed scale finds cells
+    stops here, saying what to do.
+    """
+    import torch
+
+    from metascreen.segment import learned
+
+    torch.set_num_threads(threads)
+    layout = read_json(plan_path)
+    wells = sorted(well for well, fields in layout["wells"].items() if fields)
+    picked = [
+        wells[int(i)] for i in np.unique(np.linspace(0, len(wells) - 1, min(max_fields, len(wells))).round())
+    ]
+    sources, planes = [], []
+    for well in picked:
+        field = layout["wells"][well][0]
+        image = ngff.read_field(field["files"], layout["shape"], layout["file_shape"], layout["dtype"])
+        planes.append(np.asarray(_segmentation_plane(da.from_array(image), settings["channel"])))
+        sources.append([well, field["field"]])
+    parameters = settings["learned"]
+    estimate = learned.estimate_cell_diameter(
+        planes, weights=parameters["weights"], device=parameters["device"]
+    )
+    plate = layout["plate"]
+    if not np.isfinite(estimate["cell_diameter"]):
+        raise ConfigError(
+            f"plate {plate}: the learned segmenter found fewer than 5 cells at every scale from 10 to 160 px "
+            f"on the fields (well, field) {sources}; check segment.channel, or set "
+            "segment.learned.cell_diameter (px) or cell_diameter_um by hand"
+        )
+    log.info(
+        "%s: cell diameter %.1f px, from %d cells", plate, estimate["cell_diameter"], estimate["n_cells"]
+    )
+    result = {"plate": plate, "fields": sources, **estimate}
+    write_json(output_path, result)
+    return result
+
+
 def segment_well(
     zarr_path: str | Path,
     well: str,
     settings: dict[str, Any],
     manifest_path: str | Path,
     threads: int = 1,
+    cell_diameter_path: str | Path | None = None,
 ) -> None:
     """Segment every field of a well (fields in parallel) and store NGFF labels.
 
     ``settings`` is the config's ``segment`` section: the backend ``method`` of
-    :data:`metascreen.segment.SEGMENTERS` (default ``label_free``) is called with the
-    parameters under the key of its name.
+    :data:`metascreen.segment.SEGMENTERS` is called with the parameters under the key
+    of its name (see :func:`_backend_parameters`; ``cell_diameter_path`` is the plate's
+    estimate for ``learned`` with ``cell_diameter: auto``).
     """
     method = settings["method"]
-    parameters = settings[method]
+    parameters = _backend_parameters(zarr_path, well, settings, cell_diameter_path)
+    if method == "learned":  # one field per Dask thread, each forward pass on its own thread
+        import torch
+
+        torch.set_num_threads(1)
 
     def segment_field(field: int) -> int:
         plane = _segmentation_plane(ngff.field_image(zarr_path, well, field), settings["channel"])
@@ -153,7 +241,18 @@ def segment_well(
     with dask.config.set(scheduler="threads", num_workers=threads):
         counts = dask.compute(*[dask.delayed(segment_field)(field) for field in fields])
     log.info("%s: %d cells in %d fields", well, sum(counts), len(counts))
-    write_json(manifest_path, {"well": well, "cells_per_field": list(counts)})
+    if not sum(counts):
+        log.warning(
+            "%s: %s segmentation found no cell; check segment.channel and, for the learned backend, "
+            "segment.learned.cell_diameter (used: %s px)",
+            well,
+            method,
+            parameters.get("cell_diameter"),
+        )
+    manifest = {"well": well, "method": method, "cells_per_field": list(counts)}
+    if "cell_diameter" in parameters:
+        manifest["cell_diameter"] = parameters["cell_diameter"]
+    write_json(manifest_path, manifest)
 
 
 # ---------------------------------------------------------------- measurement and crops
@@ -563,10 +662,12 @@ def report_plate(
     crops_dir: str | Path,
     config: dict[str, Any],
     output_path: str | Path,
+    cell_diameter_path: str | Path | None = None,
 ) -> None:
     """Render the self-contained HTML report of one plate.
 
-    The per-sample table is the one across all plates, restricted to this plate's samples.
+    The per-sample table is the one across all plates, restricted to this plate's samples;
+    ``cell_diameter_path`` is the plate's cell-diameter estimate, when there is one.
     """
     from metascreen import model, report
 
@@ -579,6 +680,7 @@ def report_plate(
         "metascreen": __version__,
         "model_sha256": model.file_sha256(model_path),
         "input_files": layout["n_files"],
+        "segmentation": _segmentation_provenance(config["segment"], cell_diameter_path),
         "package_versions": package_versions(PACKAGES),
         "config": config,
     }
@@ -597,6 +699,33 @@ def report_plate(
     )
     with atomic_path(output_path) as partial:
         partial.write_text(html, encoding="utf-8")
+
+
+def _segmentation_provenance(
+    settings: dict[str, Any], cell_diameter_path: str | Path | None
+) -> dict[str, Any]:
+    """The segmentation method, and for ``learned`` its weights and the cell diameter used."""
+    method = settings["method"]
+    provenance: dict[str, Any] = {"method": method}
+    if method != "learned":
+        return provenance
+    from metascreen import model
+    from metascreen.segment import learned
+
+    weights = settings["learned"]["weights"] or learned.SHIPPED_WEIGHTS
+    provenance["weights"] = str(weights)
+    provenance["weights_sha256"] = model.file_sha256(weights)
+    if cell_diameter_path is not None:
+        estimate = read_json(cell_diameter_path)
+        provenance["cell_diameter_px"] = (
+            f"{estimate['cell_diameter']:.1f} (estimated from {estimate['n_cells']} cells "
+            f"in {len(estimate['fields'])} fields)"
+        )
+    elif settings["learned"]["cell_diameter_um"] is not None:
+        provenance["cell_diameter_um"] = settings["learned"]["cell_diameter_um"]
+    else:
+        provenance["cell_diameter_px"] = settings["learned"]["cell_diameter"]
+    return provenance
 
 
 def report_index(

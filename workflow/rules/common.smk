@@ -4,9 +4,23 @@ import json
 import shlex
 from pathlib import Path
 
-from metascreen.config import read_platemap, validate_config, validate_platemap
+from metascreen.config import (
+    read_platemap,
+    resolve_paths,
+    validate_config,
+    validate_platemap,
+)
 
-config.update(validate_config(config))
+
+def config_folder():
+    """The folder of the config file given with --configfile (the last one), else of the
+    Snakefile's own (the demo's): relative paths in a config are relative to its folder.
+    """
+    configfiles = workflow.overwrite_configfiles or workflow.configfiles
+    return Path(configfiles[-1]).parent
+
+
+config.update(resolve_paths(validate_config(config), config_folder()))
 PLATEMAP = validate_platemap(
     read_platemap(config["platemap"]),
     plates=list(config["plates"]),
@@ -74,6 +88,50 @@ def segment_settings():
     method = config["segment"]["method"]
     settings = {key: config["segment"][key] for key in ("channel", "method", method)}
     return json.dumps(settings, sort_keys=True)
+
+
+def diameter_estimate_settings():
+    """What the cell-diameter estimate uses: the channel, the network's weights and device."""
+    learned = config["segment"]["learned"]
+    settings = {
+        "channel": config["segment"]["channel"],
+        "learned": {key: learned[key] for key in ("weights", "device")},
+    }
+    return json.dumps(settings, sort_keys=True)
+
+
+def estimates_cell_diameter():
+    """Whether each plate's cell diameter is estimated from its images (learned, auto)."""
+    learned = config["segment"]["learned"]
+    return (
+        config["segment"]["method"] == "learned"
+        and learned["cell_diameter_um"] is None
+        and learned["cell_diameter"] == "auto"
+    )
+
+
+def cell_diameter_inputs(wildcards):
+    """The plate's cell-diameter estimate, as a named input, when it is estimated."""
+    if estimates_cell_diameter():
+        return {
+            "cell_diameter": f"results/{wildcards.plate}/segment/cell_diameter.json"
+        }
+    return {}
+
+
+def segment_inputs(wildcards):
+    """A well's ingest manifest and, when estimated, its plate's cell diameter."""
+    return {
+        "ingest": f"results/{wildcards.plate}/ingest/{wildcards.well}.json",
+        **cell_diameter_inputs(wildcards),
+    }
+
+
+def cell_diameter_flag(wildcards, input):
+    """``--cell-diameter FILE`` for a job that has the plate's estimate as an input."""
+    if "cell_diameter" in input.keys():
+        return f"--cell-diameter {input.cell_diameter}"
+    return ""
 
 
 def zarr_path(wildcards):

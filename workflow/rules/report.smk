@@ -1,5 +1,6 @@
 rule report_plate:
     input:
+        unpack(cell_diameter_inputs),
         cells="results/{plate}/{plate}_cells.parquet",
         fields="results/{plate}/{plate}_fields.parquet",
         per_well="results/summary/per_well.parquet",
@@ -28,11 +29,13 @@ rule report_plate:
     params:
         crops_dir="results/{plate}/crops",
         config=json.dumps(config, sort_keys=True),
+        cell_diameter=cell_diameter_flag,
     shell:
         "python -m metascreen report --plate {wildcards.plate} --cells {input.cells} "
         "--fields {input.fields} --per-well {input.per_well} --per-sample {input.per_sample} "
         "--evaluation {input.evaluation} --plan {input.plan} --model {input.model} "
-        "--crops-dir {params.crops_dir} --config {params.config:q} --output {output} 2> {log}"
+        "--crops-dir {params.crops_dir} --config {params.config:q} {params.cell_diameter} "
+        "--output {output} 2> {log}"
 
 
 rule report_index:

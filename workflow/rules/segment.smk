@@ -1,6 +1,26 @@
+rule estimate_cell_diameter:
+    input:
+        "results/{plate}/plan.json",
+    output:
+        "results/{plate}/segment/cell_diameter.json",
+    log:
+        "results/logs/{plate}/segment/cell_diameter.log",
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=mem_mb(3000),
+        runtime=30,
+    params:
+        settings=diameter_estimate_settings(),
+    shell:
+        "python -m metascreen estimate-diameter --plan {input} --settings {params.settings:q} "
+        "--output {output} --threads {threads} 2> {log}"
+
+
 rule segment_well:
     input:
-        "results/{plate}/ingest/{well}.json",
+        unpack(segment_inputs),
     output:
         "results/{plate}/segment/{well}.json",
     log:
@@ -9,11 +29,13 @@ rule segment_well:
         ENV
     threads: 2
     resources:
-        mem_mb=mem_mb(2000),
+        mem_mb=mem_mb(3000),
         runtime=30,
     params:
         zarr=zarr_path,
         settings=segment_settings(),
+        cell_diameter=cell_diameter_flag,
     shell:
         "python -m metascreen segment --zarr {params.zarr} --well {wildcards.well} "
-        "--settings {params.settings:q} --manifest {output} --threads {threads} 2> {log}"
+        "--settings {params.settings:q} --manifest {output} --threads {threads} "
+        "{params.cell_diameter} 2> {log}"

@@ -1,4 +1,4 @@
-"""Label-free instance segmentation of unlabelled cells and its evaluation.
+"""Classical (hand-designed) segmenters: label-free texture and fluorescent nuclei.
 
 In brightfield and phase contrast a cell is both darker (body, rim) and brighter (halo,
 lamella) than the background, so a raw-intensity threshold cannot find it. Instead
@@ -15,20 +15,12 @@ differ from the background in one consistent polarity (dark in phase contrast) a
 cut apart by the thin bright line between touching cells; a body that still holds two
 cells is split at the neck of its distance transform (h-maxima).
 
-:func:`match_instances` scores a segmentation against ground truth with the
-StarDist/Cellpose average precision ``AP = TP / (TP + FP + FN)``.
-
 :func:`segment_nuclei` is a second backend, for fluorescent nuclei (bright blobs on a
-dark background). Backends are chosen by name through :data:`SEGMENTERS` and
-:func:`segment` (the ``segment.method`` key of the configuration).
+dark background). Backends are chosen by name through
+:data:`metascreen.segment.SEGMENTERS` (the ``segment.method`` key of the configuration).
 """
 
 from __future__ import annotations
-
-import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -38,14 +30,9 @@ from scipy.spatial import cKDTree
 from skimage.morphology import disk, h_maxima, remove_small_objects
 from skimage.segmentation import watershed
 
-__all__ = [
-    "SEGMENTERS",
-    "Segmenter",
-    "match_instances",
-    "segment",
-    "segment_label_free",
-    "segment_nuclei",
-]
+from metascreen.segment._common import check_image, relabel_kept
+
+__all__ = ["segment_label_free", "segment_nuclei"]
 
 _MAD_TO_SD = 1.4826  # median absolute deviation -> standard deviation for Gaussian data
 # out-of-focus rescue: texture is also measured at this multiple of texture_sigma, and a
@@ -157,7 +144,7 @@ def segment_label_free(
     labels : (Y, X) int32
         0 background, 1..n cells.
     """
-    image = _check_image(image)
+    image = check_image(image)
 
     background = ndi.uniform_filter(image, background_size, mode="reflect")
     flat = np.divide(image, background, out=np.ones_like(image), where=background > 0) - 1.0
@@ -188,7 +175,7 @@ def segment_label_free(
     if max_area is not None:
         keep &= areas <= max_area
     keep[0] = False
-    return _relabel_kept(labels, keep)
+    return relabel_kept(labels, keep)
 
 
 def _split_necks(cores: np.ndarray, h: float) -> np.ndarray:
@@ -215,7 +202,7 @@ def _split_necks(cores: np.ndarray, h: float) -> np.ndarray:
         parts = watershed(-depth, peaks, mask=own)
         split[outer] = np.where(own, parts + (next_label - 1), split[outer])
         next_label += n_peaks
-    return _relabel_kept(split, np.bincount(split.ravel()) > 0)
+    return relabel_kept(split, np.bincount(split.ravel()) > 0)
 
 
 def _merge_close_seeds(seeds: np.ndarray, min_distance: float) -> np.ndarray:
@@ -246,17 +233,6 @@ def _textured(
     median, spread = _robust_location_scale(texture)
     foreground = _fill_holes(texture > max(median + threshold * spread, min_contrast))
     return remove_small_objects(foreground, max_size=min_area - 1)
-
-
-def _relabel_kept(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Labels with ``keep[label]`` renumbered 1..n in their order, the others 0 (int32).
-
-    ``relabel_sequential`` of the filtered labels, from one lookup table (no np.unique).
-    """
-    keep = keep.copy()
-    keep[0] = False
-    lookup = np.where(keep, np.cumsum(keep), 0).astype(np.int32)
-    return lookup[labels]
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -409,7 +385,7 @@ def segment_nuclei(
     labels : (Y, X) int32
         0 background, 1..n nuclei.
     """
-    image = _check_image(image)
+    image = check_image(image)
     if nucleus_radius <= 0:
         raise ValueError(f"nucleus_radius must be > 0, got {nucleus_radius!r}")
     if not 0.0 < edge_fraction < 1.0:
@@ -444,116 +420,4 @@ def segment_nuclei(
     if max_area is not None:
         keep &= areas <= max_area
     keep[0] = False
-    return _relabel_kept(labels, keep)
-
-
-def _check_image(image: np.ndarray) -> np.ndarray:
-    """A 2-D real image as float32 (a copy; the input is never modified)."""
-    image = np.asarray(image)
-    if image.ndim != 2:
-        raise ValueError(f"image must be 2-D (Y, X), got shape {image.shape}")
-    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
-        raise ValueError(f"image must have a real numeric dtype, got {image.dtype}")
-    return image.astype(np.float32)
-
-
-# ---------------------------------------------------------------- backend registry
-@dataclass(frozen=True)
-class Segmenter:
-    """A segmentation backend: ``function(image, **parameters) -> int32 labels``."""
-
-    name: str
-    function: Callable[..., np.ndarray]
-    description: str
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        """Keyword parameters of the backend with their defaults (documented in its docstring)."""
-        return {
-            name: parameter.default
-            for name, parameter in inspect.signature(self.function).parameters.items()
-            if parameter.kind is inspect.Parameter.KEYWORD_ONLY
-        }
-
-
-#: Segmentation backends by name (the ``segment.method`` of the configuration).
-SEGMENTERS: dict[str, Segmenter] = {
-    "label_free": Segmenter(
-        "label_free",
-        segment_label_free,
-        "unlabelled cells in brightfield / phase contrast, from local texture",
-    ),
-    "nuclei": Segmenter(
-        "nuclei", segment_nuclei, "fluorescent nuclei: LoG seeds, watershed, per-nucleus half-maximum edges"
-    ),
-}
-
-
-def segment(image: np.ndarray, method: str = "label_free", **parameters: Any) -> np.ndarray:
-    """Segment ``image`` with the backend ``method`` of :data:`SEGMENTERS`.
-
-    ``parameters`` are the backend's keyword parameters (see its docstring and
-    ``SEGMENTERS[method].defaults``); an unknown method or parameter is a ValueError.
-    """
-    if method not in SEGMENTERS:
-        raise ValueError(f"unknown segmentation method {method!r}; available: {sorted(SEGMENTERS)}")
-    backend = SEGMENTERS[method]
-    unknown = sorted(set(parameters) - set(backend.defaults))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown} for segmentation method {method!r}")
-    return backend.function(image, **parameters)
-
-
-def match_instances(
-    true_labels: np.ndarray, pred_labels: np.ndarray, *, iou_threshold: float = 0.5
-) -> dict[str, float]:
-    """Match predicted to true instances by IoU and score them.
-
-    A pair matches when its intersection over union is strictly above
-    ``iou_threshold``. For thresholds >= 0.5 a true object can overlap at most one
-    prediction that much (and vice versa), so matching is unique without an
-    assignment step. Intersections come from counting (true, pred) label pairs.
-
-    Parameters
-    ----------
-    true_labels, pred_labels : (Y, X) integer arrays
-        Instance labels, 0 = background.
-    iou_threshold : float
-        In [0.5, 1). Default 0.5.
-
-    Returns
-    -------
-    dict
-        ``tp``, ``fp``, ``fn`` (int counts); ``ap`` = TP / (TP + FP + FN) (1.0 when both
-        images are empty); ``precision`` and ``recall`` (1.0 when undefined);
-        ``mean_matched_iou`` over the true positives (NaN when there are none).
-    """
-    true_labels, pred_labels = np.asarray(true_labels), np.asarray(pred_labels)
-    if true_labels.shape != pred_labels.shape:
-        raise ValueError(f"shape mismatch: {true_labels.shape} vs {pred_labels.shape}")
-    if not 0.5 <= iou_threshold < 1.0:
-        raise ValueError(f"iou_threshold must lie in [0.5, 1), got {iou_threshold!r}")
-    true_flat = true_labels.ravel().astype(np.int64)
-    pred_flat = pred_labels.ravel().astype(np.int64)
-    true_area = np.bincount(true_flat)
-    pred_area = np.bincount(pred_flat)
-    n_true, n_pred = int(np.count_nonzero(true_area[1:])), int(np.count_nonzero(pred_area[1:]))
-
-    # intersections of every overlapping (true, pred) object pair, sparse
-    both = (true_flat > 0) & (pred_flat > 0)
-    key, inter = np.unique(true_flat[both] * pred_area.size + pred_flat[both], return_counts=True)
-    t, p = np.divmod(key, pred_area.size)
-    iou = inter / (true_area[t] + pred_area[p] - inter)
-    matched = iou > iou_threshold
-
-    tp = int(matched.sum())
-    fp, fn = n_pred - tp, n_true - tp
-    return {
-        "tp": tp,
-        "fp": fp,
-        "fn": fn,
-        "ap": tp / (tp + fp + fn) if tp + fp + fn else 1.0,
-        "precision": tp / (tp + fp) if tp + fp else 1.0,
-        "recall": tp / (tp + fn) if tp + fn else 1.0,
-        "mean_matched_iou": float(iou[matched].mean()) if tp else float("nan"),
-    }
+    return relabel_kept(labels, keep)

@@ -1,0 +1,293 @@
+"""The learned segmenter: targets and recovery, tiling, weights files, training, shipped weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+
+from metascreen import ngff, stages, styles, synth
+from metascreen.config import ConfigError, validate_config
+from metascreen.segment import learned, match_instances, pooled_ap, segment
+from metascreen.segment.instances import recover_instances, training_targets
+from metascreen.segment.network import UNet, load_network, save_network
+from metascreen.segment.tiling import normalize_percentile, predict_tiled
+from metascreen.segment.train import (
+    TrainingSettings,
+    evaluate_styles,
+    median_diameter,
+    render_training_fields,
+    train_network,
+)
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+def two_touching_squares() -> np.ndarray:
+    labels = np.zeros((20, 30), np.int32)
+    labels[5:15, 5:15] = 1
+    labels[5:15, 15:25] = 2
+    return labels
+
+
+# ------------------------------------------------------------------ targets and recovery
+
+
+def test_training_targets_fall_to_zero_on_shared_borders():
+    foreground, distance, boundary = training_targets(two_touching_squares())
+    assert foreground.sum() == 200 and foreground.dtype == np.float32
+    assert distance.max() == pytest.approx(1.0) and distance.min() == 0.0
+    assert (distance[foreground == 0] == 0).all()
+    # where the squares meet the distance falls as at an outer edge: a valley between them
+    assert distance[10, 14] == 0.0 and distance[10, 15] == distance[10, 5] == pytest.approx(0.2)
+    assert distance[10, 15] < distance[10, 17]
+    for label in (1, 2):  # each cell reaches 1 at its own centre
+        assert distance[two_touching_squares() == label].max() == pytest.approx(1.0)
+    # the contact boundary: the two columns where the squares meet, nothing on outer edges
+    assert np.flatnonzero(boundary.any(0)).tolist() == [14, 15]
+    assert boundary[5:15, 14:16].all() and boundary.sum() == 20
+
+
+@pytest.mark.parametrize(
+    ("style", "floor"),
+    [("phase_confluent", 0.97), ("brightfield_clumps", 0.97), ("demo_plate", 0.97), ("phase_neurite", 0.88)],
+)
+def test_recovery_from_perfect_maps_gives_back_the_truth(style: str, floor: float):
+    _, labels = styles.render_style_field(styles.style_rng(3, style, 0), style, (160, 160))
+    recovered = recover_instances(*training_targets(labels), min_area=15)
+    scores = match_instances(labels, recovered)
+    # neurites lose a little: a thin part between two lobes falls below the distance valley
+    assert scores["ap"] >= floor, scores
+    assert scores["mean_matched_iou"] > 0.93
+
+
+def test_recovery_keeps_seedless_foreground_and_drops_small_objects():
+    foreground = np.zeros((40, 40), np.float32)
+    distance, boundary = np.zeros_like(foreground), np.zeros_like(foreground)
+    foreground[2:12, 2:12] = 1.0  # a cell whose distance never rose: kept, own label
+    foreground[20:30, 20:30] = 1.0
+    distance[24:26, 24:26] = 0.9
+    foreground[35:37, 35:37] = 1.0  # 4 px speck
+    foreground[20:30, 30:38] = 1.0  # touches the cell on its left across a boundary
+    distance[24:26, 33:35] = 0.9
+    boundary[20:30, 29:31] = 1.0
+    labels = recover_instances(foreground, distance, boundary, min_area=10)
+    assert labels.max() == 3
+    assert len(np.unique(labels[2:12, 2:12])) == 1 and labels[5, 5] > 0
+    assert labels[25, 25] != labels[25, 35] and labels[25, 25] > 0 and labels[25, 35] > 0
+    assert labels[36, 36] == 0
+    empty = np.zeros((8, 8))
+    assert recover_instances(empty, empty, empty).max() == 0
+    with pytest.raises(ValueError, match="one shape"):
+        recover_instances(empty, empty, np.zeros((8, 9)))
+
+
+# ------------------------------------------------------------------ normalisation and tiling
+
+
+def test_normalisation_ignores_dtype_and_exposure_and_survives_bad_pixels():
+    rng = np.random.default_rng(0)
+    image = rng.normal(100.0, 10.0, (64, 64)).astype(np.float32)
+    scaled = normalize_percentile(image * 3.0 + 50.0)
+    np.testing.assert_allclose(normalize_percentile(image), scaled, atol=1e-5)
+    assert not normalize_percentile(np.full((16, 16), 7, np.uint16)).any()
+    with_nan = image.copy()
+    with_nan[0, :10] = np.nan
+    out = normalize_percentile(with_nan)
+    assert np.isfinite(out).all() and (out[0, :10] == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(300, 260), (50, 70)])
+def test_tiled_prediction_equals_one_pass(shape: tuple[int, int]):
+    torch.manual_seed(0)
+    network = UNet(base=4, depth=1).eval()  # receptive field ~20 px, inside the 32 px margin
+    image = np.random.default_rng(1).random(shape).astype(np.float32)
+    whole = predict_tiled(network, image, tile_size=2048)
+    tiled = predict_tiled(network, image, tile_size=96, margin=32, batch_size=3)
+    assert whole.shape == (3, *shape)
+    np.testing.assert_allclose(tiled, whole, atol=1e-5)
+
+
+@pytest.mark.parametrize("factor", [0.45, 1.0, 1.7])
+def test_prediction_comes_back_at_the_field_size(factor: float):
+    network = UNet(base=4, depth=2).eval()
+    out = predict_tiled(network, np.zeros((123, 97), np.float32), factor=factor, tile_size=64)
+    assert out.shape == (3, 123, 97) and ((out >= 0) & (out <= 1)).all()
+
+
+# ------------------------------------------------------------------ weights files and devices
+
+
+def test_weights_round_trip_and_bad_files(tmp_path):
+    torch.manual_seed(0)
+    network = UNet(base=4, depth=2).eval()
+    path = tmp_path / "w.safetensors"
+    save_network(network, path, {"styles": ["a"]})
+    loaded, metadata = load_network(path)
+    assert metadata == {"styles": ["a"], "architecture": {"base": 4, "depth": 2}}
+    assert json.loads(path.with_suffix(".json").read_text()) == metadata
+    x = torch.randn(1, 1, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), network(x))
+    (tmp_path / "bad.safetensors").write_bytes(b"not a weights file")
+    with pytest.raises(ValueError, match="bad.safetensors: not a metascreen segmentation weights file"):
+        load_network(tmp_path / "bad.safetensors")
+    with pytest.raises(FileNotFoundError, match="segmentation weights not found"):
+        load_network(tmp_path / "missing.safetensors")
+
+
+def test_device_selection_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    learned.load_segmenter.cache_clear()
+    assert learned.load_segmenter(None, "auto")[2].type == "cpu"
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        learned.load_segmenter(None, "cuda")
+    learned.load_segmenter.cache_clear()
+
+
+# ------------------------------------------------------------------ training
+
+
+def tiny_settings(seed: int = 0) -> TrainingSettings:
+    return TrainingSettings(steps=3, batch_size=2, crop=64, base_channels=4, depth=2, seed=seed)
+
+
+def test_training_is_deterministic_for_a_seed():
+    fields = render_training_fields(["phase_round", "demo_plate"], 1, (96, 96), seed=0)
+    first = train_network(fields, tiny_settings(0), device="cpu", progress_every=0).state_dict()
+    again = train_network(fields, tiny_settings(0), device="cpu", progress_every=0).state_dict()
+    other = train_network(fields, tiny_settings(1), device="cpu", progress_every=0).state_dict()
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not all(torch.equal(first[name], other[name]) for name in first)
+
+
+def test_synthetic_world_is_reproducible_and_varied(tmp_path):
+    one = render_training_fields(["phase_confluent"], 1, (128, 128), seed=5)[0]
+    two = render_training_fields(["phase_confluent"], 1, (128, 128), seed=5)[0]
+    np.testing.assert_array_equal(one[1], two[1])
+    np.testing.assert_array_equal(one[2], two[2])
+    assert (one[2] > 0).mean() >= 0.7  # confluent: at least 70 % covered
+    dtypes = {
+        styles.render_style_field(styles.style_rng(0, n, 0), n, (96, 96))[0].dtype for n in styles.STYLES
+    }
+    assert dtypes == {np.dtype("uint8"), np.dtype("uint16"), np.dtype("float32")}
+    styles.write_world(tmp_path, styles=["dic_spread"], fields_per_style=1, shape=(96, 96))
+    image = tifffile.imread(tmp_path / "dic_spread_000.tif")
+    masks = tifffile.imread(tmp_path / "dic_spread_000_masks.tif")
+    assert image.shape == masks.shape == (96, 96) and masks.dtype == np.int32 and masks.max() > 0
+    with pytest.raises(ValueError, match="unknown style"):
+        styles.render_style_field(np.random.default_rng(0), "holography")
+
+
+# ------------------------------------------------------------------ the shipped weights
+
+
+@pytest.fixture(scope="module")
+def shipped_metadata() -> dict:
+    learned.load_segmenter.cache_clear()
+    return learned.load_segmenter(None, "cpu")[1]
+
+
+def test_shipped_weights_reach_the_ap_they_record(shipped_metadata):
+    recorded = shipped_metadata["ap50_by_style"]
+    assert sorted(recorded) == sorted(styles.STYLE_NAMES) == sorted(shipped_metadata["styles"])
+    assert len(shipped_metadata["data_sha256"]) == 64
+    assert "pretrain-segmenter" in shipped_metadata["command"]
+    again = evaluate_styles(
+        learned.SHIPPED_WEIGHTS, list(recorded), seed=shipped_metadata["data_seed"], device="cpu"
+    )
+    for name, ap in recorded.items():
+        assert again[name] == pytest.approx(ap, abs=0.02), name
+
+
+def test_learned_backend_beats_label_free_on_unseen_phase_contrast():
+    pairs_learned, pairs_classical = [], []
+    for index in range(2):
+        image, labels = styles.render_style_field(styles.style_rng(77, "phase_spread", index), "phase_spread")
+        diameter = median_diameter(labels)
+        pairs_learned.append((labels, segment(image, "learned", cell_diameter=diameter, device="cpu")))
+        pairs_classical.append((labels, segment(image, "label_free")))
+    assert pooled_ap(pairs_learned) > pooled_ap(pairs_classical) + 0.2
+
+
+def test_cell_diameter_estimate_follows_the_scale():
+    rng = np.random.default_rng(11)
+    image, labels, _ = synth.render_field(rng, fraction_positive=0.5, shape=(256, 256), n_cells=40)
+    truth = median_diameter(labels)
+    zoomed = np.kron(image, np.ones((2, 2), image.dtype))  # the same cells, twice as large
+    small = learned.estimate_cell_diameter([image], device="cpu")
+    large = learned.estimate_cell_diameter([zoomed], device="cpu")
+    assert small["cell_diameter"] == pytest.approx(truth, rel=0.25)
+    assert large["cell_diameter"] / small["cell_diameter"] == pytest.approx(2.0, rel=0.2)
+    assert len(small["ladder"]) == 9
+    empty = learned.estimate_cell_diameter([np.full((128, 128), 100, np.uint16)], device="cpu")
+    assert np.isnan(empty["cell_diameter"]) and empty["n_cells"] == 0
+
+
+def test_stages_estimate_the_plate_diameter_and_segment_with_it(tmp_path):
+    images = tmp_path / "img"
+    images.mkdir()
+    truths = {}
+    for index, well in enumerate(["A01", "A02"]):
+        rng = np.random.default_rng(index)
+        image, labels, _ = synth.render_field(rng, fraction_positive=0.5, shape=(256, 256), n_cells=25)
+        tifffile.imwrite(images / f"P1_{well}_s1_w1.TIF", image)
+        truths[well] = labels
+    platemap = pd.DataFrame({"plate": ["P1", "P1"], "well": ["A01", "A02"]})
+    settings = validate_config(
+        {
+            "plates": {"P1": {"images": str(images)}},
+            "platemap": "platemap.csv",
+            "ingest": {"preset": "imagexpress", "channel_names": ["brightfield"]},
+            "segment": {"method": "learned", "learned": {"device": "cpu"}},
+        }
+    )
+    plate, plan = tmp_path / "P1.ome.zarr", tmp_path / "plan.json"
+    stages.plan("P1", images, platemap, settings["ingest"], plan, plate)
+    estimate = stages.estimate_cell_diameter(plan, settings["segment"], tmp_path / "diameter.json")
+    assert 15 < estimate["cell_diameter"] < 35 and estimate["fields"] == [["A01", 0], ["A02", 0]]
+    for well in truths:
+        stages.ingest_well(plan, plate, well, settings["ingest"], tmp_path / f"{well}.json")
+        stages.segment_well(
+            plate,
+            well,
+            settings["segment"],
+            tmp_path / f"seg_{well}.json",
+            cell_diameter_path=tmp_path / "diameter.json",
+        )
+        manifest = stages.read_json(tmp_path / f"seg_{well}.json")
+        assert manifest["method"] == "learned" and manifest["cell_diameter"] == estimate["cell_diameter"]
+        labels = ngff.field_labels(plate, well, 0)
+        assert match_instances(truths[well], labels)["ap"] > 0.8
+    # a diameter in µm goes through the plate's pixel size (0.65 µm here)
+    microns = {**settings["segment"], "learned": {**settings["segment"]["learned"], "cell_diameter_um": 13.0}}
+    assert stages._backend_parameters(plate, "A01", microns, None)["cell_diameter"] == pytest.approx(20.0)
+    with pytest.raises(ConfigError, match="no plate estimate"):
+        stages._backend_parameters(plate, "A01", settings["segment"], None)
+    # a plate without cells says what to do
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    tifffile.imwrite(blank / "P1_A01_s1_w1.TIF", np.full((128, 128), 900, np.uint16))
+    stages.plan(
+        "P1", blank, platemap.iloc[:1], settings["ingest"], tmp_path / "blank.json", tmp_path / "b.ome.zarr"
+    )
+    with pytest.raises(ConfigError, match="fewer than 5 cells at every scale.*cell_diameter"):
+        stages.estimate_cell_diameter(tmp_path / "blank.json", settings["segment"], tmp_path / "none.json")
+
+
+def test_report_provenance_names_the_weights_and_the_estimated_diameter(tmp_path):
+    learned_settings = validate_config({"plates": {"P": {"images": "x"}}, "platemap": "p.csv"})["segment"]
+    assert learned_settings["method"] == "learned"
+    classical = {**learned_settings, "method": "label_free"}
+    assert stages._segmentation_provenance(classical, None) == {"method": "label_free"}
+    estimate = tmp_path / "cell_diameter.json"
+    estimate.write_text(
+        json.dumps({"cell_diameter": 23.46, "n_cells": 180, "fields": [["A01", 0], ["B02", 0]]})
+    )
+    provenance = stages._segmentation_provenance(learned_settings, estimate)
+    assert provenance["cell_diameter_px"] == "23.5 (estimated from 180 cells in 2 fields)"
+    assert provenance["weights"].endswith("learned.safetensors") and len(provenance["weights_sha256"]) == 64

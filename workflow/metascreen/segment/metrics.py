@@ -1,0 +1,71 @@
+"""Scoring an instance segmentation against ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["match_instances", "pooled_ap"]
+
+
+def match_instances(
+    true_labels: np.ndarray, pred_labels: np.ndarray, *, iou_threshold: float = 0.5
+) -> dict[str, float]:
+    """Match predicted to true instances by IoU and score them.
+
+    A pair matches when its intersection over union is strictly above
+    ``iou_threshold``. For thresholds >= 0.5 a true object can overlap at most one
+    prediction that much (and vice versa), so matching is unique without an
+    assignment step. Intersections come from counting (true, pred) label pairs.
+
+    Parameters
+    ----------
+    true_labels, pred_labels : (Y, X) integer arrays
+        Instance labels, 0 = background.
+    iou_threshold : float
+        In [0.5, 1). Default 0.5.
+
+    Returns
+    -------
+    dict
+        ``tp``, ``fp``, ``fn`` (int counts); ``ap`` = TP / (TP + FP + FN) (1.0 when both
+        images are empty); ``precision`` and ``recall`` (1.0 when undefined);
+        ``mean_matched_iou`` over the true positives (NaN when there are none).
+    """
+    true_labels, pred_labels = np.asarray(true_labels), np.asarray(pred_labels)
+    if true_labels.shape != pred_labels.shape:
+        raise ValueError(f"shape mismatch: {true_labels.shape} vs {pred_labels.shape}")
+    if not 0.5 <= iou_threshold < 1.0:
+        raise ValueError(f"iou_threshold must lie in [0.5, 1), got {iou_threshold!r}")
+    true_flat = true_labels.ravel().astype(np.int64)
+    pred_flat = pred_labels.ravel().astype(np.int64)
+    true_area = np.bincount(true_flat)
+    pred_area = np.bincount(pred_flat)
+    n_true, n_pred = int(np.count_nonzero(true_area[1:])), int(np.count_nonzero(pred_area[1:]))
+
+    # intersections of every overlapping (true, pred) object pair, sparse
+    both = (true_flat > 0) & (pred_flat > 0)
+    key, inter = np.unique(true_flat[both] * pred_area.size + pred_flat[both], return_counts=True)
+    t, p = np.divmod(key, pred_area.size)
+    iou = inter / (true_area[t] + pred_area[p] - inter)
+    matched = iou > iou_threshold
+
+    tp = int(matched.sum())
+    fp, fn = n_pred - tp, n_true - tp
+    return {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "ap": tp / (tp + fp + fn) if tp + fp + fn else 1.0,
+        "precision": tp / (tp + fp) if tp + fp else 1.0,
+        "recall": tp / (tp + fn) if tp + fn else 1.0,
+        "mean_matched_iou": float(iou[matched].mean()) if tp else float("nan"),
+    }
+
+
+def pooled_ap(pairs: list[tuple[np.ndarray, np.ndarray]], iou_threshold: float = 0.5) -> float:
+    """AP ``TP / (TP + FP + FN)`` pooled over ``(true_labels, pred_labels)`` pairs (1.0 if all empty)."""
+    counts = np.zeros(3)
+    for truth, labels in pairs:
+        scores = match_instances(truth, labels, iou_threshold=iou_threshold)
+        counts += [scores["tp"], scores["fp"], scores["fn"]]
+    return float(counts[0] / counts.sum()) if counts.sum() else 1.0

@@ -1,0 +1,125 @@
+"""The segmentation network: a compact U-Net in plain torch, and its weights files.
+
+The network maps a normalised field (one channel) to three maps at the same
+resolution: the logits of *foreground* (cell or not), of the *normalised distance* of
+each cell pixel to its own cell's border (1 at the cell's deepest point, 0 at its
+border and outside) and of the *contact boundary* (cell pixels touching another
+cell). :mod:`metascreen.segment.instances` explains why these three and turns them
+into labelled cells.
+
+Weights are stored as safetensors (no pickle), with the architecture and training
+metadata in the header and in a JSON file beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from metascreen.files import atomic_path
+
+__all__ = ["OUTPUTS", "UNet", "load_network", "save_network"]
+
+#: Output channels of the network, in order.
+OUTPUTS: tuple[str, ...] = ("foreground", "distance", "boundary")
+
+
+def _block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """U-Net: ``depth`` poolings, ``base`` channels doubling per level (capped at 4x).
+
+    Input ``(N, 1, H, W)`` with ``H`` and ``W`` multiples of ``2**depth``; output
+    ``(N, 3, H, W)`` logits (:data:`OUTPUTS`). With ``base=16, depth=3`` it has ~0.3 M
+    parameters and a receptive field of ~140 px, several training cell diameters, so a
+    cell in a confluent layer is judged with its neighbours in view.
+    """
+
+    def __init__(self, base: int = 16, depth: int = 3) -> None:
+        super().__init__()
+        self.config = {"base": base, "depth": depth}
+        widths = [base * min(2**level, 4) for level in range(depth + 1)]
+        self.encoders = nn.ModuleList(
+            [_block(1 if level == 0 else widths[level - 1], widths[level]) for level in range(depth + 1)]
+        )
+        self.decoders = nn.ModuleList(
+            [_block(widths[level + 1] + widths[level], widths[level]) for level in range(depth)]
+        )
+        self.head = nn.Conv2d(widths[0], len(OUTPUTS), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for level, encoder in enumerate(self.encoders):
+            if level:
+                x = F.max_pool2d(x, 2)
+            x = encoder(x)
+            skips.append(x)
+        for level in reversed(range(len(self.decoders))):
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            x = self.decoders[level](torch.cat([x, skips[level]], dim=1))
+        return self.head(x)
+
+    def fused(self) -> UNet:
+        """An inference copy (eval mode) with each batch norm folded into its convolution:
+        the same outputs, fewer passes over memory."""
+        fused = UNet(**self.config).eval()
+        fused.load_state_dict(self.state_dict())
+        for blocks in (fused.encoders, fused.decoders):
+            for index, (conv1, bn1, relu1, conv2, bn2, relu2) in enumerate(blocks):
+                blocks[index] = nn.Sequential(
+                    fuse_conv_bn_eval(conv1, bn1), relu1, fuse_conv_bn_eval(conv2, bn2), relu2
+                )
+        return fused
+
+
+def save_network(network: UNet, path: str | Path, metadata: dict[str, Any]) -> None:
+    """Write ``network``'s weights as safetensors and ``metadata`` (plus the architecture)
+    into its header and into ``path`` with suffix ``.json``."""
+    path = Path(path)
+    metadata = {**metadata, "architecture": network.config}
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in network.state_dict().items()}
+    with atomic_path(path) as partial:
+        save_file(state, str(partial), metadata={"metascreen": json.dumps(metadata, sort_keys=True)})
+    with atomic_path(path.with_suffix(".json")) as partial:
+        partial.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+
+
+def load_network(
+    path: str | Path, device: torch.device | str = "cpu", *, fuse: bool = True
+) -> tuple[UNet, dict[str, Any]]:
+    """The network stored at ``path`` (in eval mode, on ``device``) and its metadata.
+
+    ``fuse`` folds the batch norms into the convolutions (:meth:`UNet.fused`), for
+    inference; fine-tuning needs ``fuse=False``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"segmentation weights not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        metadata = json.loads(header["metascreen"])
+        network = UNet(**metadata["architecture"])
+        network.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError, OSError, SafetensorError) as error:
+        raise ValueError(f"{path}: not a metascreen segmentation weights file ({error})") from error
+    network = network.fused() if fuse else network.eval()
+    return network.to(device), metadata

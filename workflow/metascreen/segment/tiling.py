@@ -1,0 +1,128 @@
+"""Per-field normalisation, rescaling to the network's scale and tiled prediction.
+
+Fields of any size are cut into a few near-equal tiles with an overlap (``margin``) on
+every side; each tile's centre is kept, so seams never show the network's border
+effects. Tile count and size adapt to the field so that little is computed twice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+__all__ = ["normalize_percentile", "predict_tiled"]
+
+_MULTIPLE = 8  # the U-Net's total down-sampling (2**depth)
+
+
+def normalize_percentile(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """``(image - p_low) / (p_high - p_low)`` as float32, from percentiles of the finite pixels.
+
+    Fields of more than 2**20 px are sampled on every other row and column for the
+    percentiles. A flat image (no spread) maps to zeros.
+    """
+    image = np.asarray(image, np.float32)
+    sample = image[::2, ::2] if image.size > 2**20 else image
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return np.zeros(image.shape, np.float32)
+    lo, hi = np.percentile(sample, [low, high])
+    if hi <= lo:
+        return np.zeros(image.shape, np.float32)
+    out = (image - np.float32(lo)) / np.float32(hi - lo)
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _tiles(size: int, tile: int, margin: int) -> tuple[int, int]:
+    """Number of tiles and the kept step along an axis of ``size`` px."""
+    n = max(1, math.ceil(size / max(tile - 2 * margin, _MULTIPLE)))
+    step = math.ceil(math.ceil(size / n) / _MULTIPLE) * _MULTIPLE
+    return n, step
+
+
+@torch.inference_mode()
+def predict_tiled(
+    network: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    factor: float = 1.0,
+    device: torch.device | str = "cpu",
+    tile_size: int = 1024,
+    margin: int = 32,
+    batch_size: int = 4,
+) -> np.ndarray:
+    """The network's sigmoid outputs for a normalised field, at the field's own size.
+
+    Parameters
+    ----------
+    network : torch.nn.Module
+        Maps ``(N, 1, H, W)`` to ``(N, C, H, W)`` logits, ``H, W`` multiples of 8.
+    image : (Y, X) float array
+        A normalised field (:func:`normalize_percentile`).
+    factor : float
+        The field is resized by this factor (bilinear, antialiased when shrinking)
+        before the network, and the outputs back to ``(Y, X)``.
+    device : torch.device or str
+        Where the network runs; CUDA runs in float16 autocast.
+    tile_size, margin : int
+        Largest tile side (px, at the network's scale) and the overlap kept off each
+        tile's border.
+    batch_size : int
+        Tiles per forward pass.
+
+    Returns
+    -------
+    (C, Y, X) float32
+        Probabilities.
+    """
+    device = torch.device(device)
+    height, width = image.shape
+    x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
+    scaled = (max(round(height * factor), 1), max(round(width * factor), 1))
+    if scaled != (height, width):
+        x = F.interpolate(x, size=scaled, mode="bilinear", antialias=factor < 1.0, align_corners=False)
+    (n_rows, step_rows), (n_cols, step_cols) = (_tiles(s, tile_size, margin) for s in scaled)
+    padded_shape = (n_rows * step_rows + 2 * margin, n_cols * step_cols + 2 * margin)
+    pad = (margin, padded_shape[1] - scaled[1] - margin, margin, padded_shape[0] - scaled[0] - margin)
+    x = _reflect_pad(x, pad)
+    origins = [(r * step_rows, c * step_cols) for r in range(n_rows) for c in range(n_cols)]
+    out: torch.Tensor | None = None
+    use_amp = device.type == "cuda"
+    for start in range(0, len(origins), batch_size):
+        chunk = origins[start : start + batch_size]
+        batch = torch.cat(
+            [x[..., r : r + step_rows + 2 * margin, c : c + step_cols + 2 * margin] for r, c in chunk]
+        ).to(device, memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            logits = network(batch).float()
+        if out is None:
+            out = torch.empty((logits.shape[1], n_rows * step_rows, n_cols * step_cols), dtype=torch.float32)
+        for (r, c), tile in zip(chunk, logits.cpu(), strict=True):
+            out[:, r : r + step_rows, c : c + step_cols] = tile[
+                :, margin : margin + step_rows, margin : margin + step_cols
+            ]
+    assert out is not None
+    out = out[:, : scaled[0], : scaled[1]]
+    if scaled != (height, width):
+        out = F.interpolate(out[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    return torch.sigmoid(out).numpy()
+
+
+def _reflect_pad(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
+    """Reflect padding that also works when a pad exceeds the image (repeated reflection)."""
+    while any(pad):
+        height, width = x.shape[-2:]
+        step = (
+            min(pad[0], width - 1),
+            min(pad[1], width - 1),
+            min(pad[2], height - 1),
+            min(pad[3], height - 1),
+        )
+        if not any(step):  # a 1-px image cannot be reflected
+            return F.pad(x, pad, mode="replicate")
+        x = F.pad(x, step, mode="reflect")
+        pad = tuple(p - s for p, s in zip(pad, step, strict=True))  # type: ignore[assignment]
+    return x
