@@ -161,6 +161,7 @@ def test_training_is_deterministic_for_a_seed():
     first = train_network(fields, tiny_settings(0), device="cpu", progress_every=0).state_dict()
     again = train_network(fields, tiny_settings(0), device="cpu", progress_every=0).state_dict()
     other = train_network(fields, tiny_settings(1), device="cpu", progress_every=0).state_dict()
+    assert not torch.are_deterministic_algorithms_enabled()  # the process's setting is restored
     assert all(torch.equal(first[name], again[name]) for name in first)
     assert not all(torch.equal(first[name], other[name]) for name in first)
 

@@ -124,7 +124,7 @@ def ingest_well(
 
 
 # ---------------------------------------------------------------- segmentation
-def _segmentation_plane(image: da.Array, channel: int) -> da.Array:
+def _segmentation_plane(image: da.Array | np.ndarray, channel: int) -> da.Array | np.ndarray:
     """The ``(y, x)`` plane to segment: the chosen channel's middle Z plane."""
     return image[0, channel, image.shape[2] // 2]
 
@@ -188,7 +188,7 @@ def estimate_cell_diameter(
     for well in picked:
         field = layout["wells"][well][0]
         image = ngff.read_field(field["files"], layout["shape"], layout["file_shape"], layout["dtype"])
-        planes.append(np.asarray(_segmentation_plane(da.from_array(image), settings["channel"])))
+        planes.append(_segmentation_plane(image, settings["channel"]))
         sources.append([well, field["field"]])
     parameters = settings["learned"]
     estimate = learned.estimate_cell_diameter(

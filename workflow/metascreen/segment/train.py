@@ -206,8 +206,6 @@ def train_network(
     """
     target = select_device(device)
     torch.manual_seed(settings.seed)
-    if target.type == "cpu":
-        torch.use_deterministic_algorithms(True)
     rng = np.random.default_rng(settings.seed)
     pool = _Pool(fields, settings.crop)
     network = (network or UNet(settings.base_channels, settings.depth)).to(target).train()
@@ -220,31 +218,37 @@ def train_network(
         lambda step: min((step + 1) / warmup, 0.5 * (1.0 + np.cos(np.pi * min(step / settings.steps, 1.0)))),
     )
     scaler = torch.amp.GradScaler(enabled=target.type == "cuda")
-    start, running = time.perf_counter(), 0.0
-    for step in range(1, settings.steps + 1):
-        x, y = pool.batch(rng, settings.batch_size, settings.crop)
-        if rng.random() < 0.5:
-            x, y = _elastic(rng, x, y)
-        x = _intensity(rng, x)
-        x, y = x.to(target, non_blocking=True), y.to(target, non_blocking=True)
-        with torch.autocast(device_type=target.type, dtype=torch.float16, enabled=target.type == "cuda"):
-            logits = network(x)
-        loss = _loss(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        schedule.step()
-        running += loss.item()
-        if progress_every and step % progress_every == 0:
-            log.info(
-                "step %d/%d  loss %.4f  %.1f s",
-                step,
-                settings.steps,
-                running / progress_every,
-                time.perf_counter() - start,
-            )
-            running = 0.0
+    # deterministic kernels on CPU for this run only: the process's setting is restored
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic or target.type == "cpu")
+    try:
+        start, running = time.perf_counter(), 0.0
+        for step in range(1, settings.steps + 1):
+            x, y = pool.batch(rng, settings.batch_size, settings.crop)
+            if rng.random() < 0.5:
+                x, y = _elastic(rng, x, y)
+            x = _intensity(rng, x)
+            x, y = x.to(target, non_blocking=True), y.to(target, non_blocking=True)
+            with torch.autocast(device_type=target.type, dtype=torch.float16, enabled=target.type == "cuda"):
+                logits = network(x)
+            loss = _loss(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            running += loss.item()
+            if progress_every and step % progress_every == 0:
+                log.info(
+                    "step %d/%d  loss %.4f  %.1f s",
+                    step,
+                    settings.steps,
+                    running / progress_every,
+                    time.perf_counter() - start,
+                )
+                running = 0.0
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     return network.eval().cpu()
 
 
