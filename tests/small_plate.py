@@ -88,9 +88,10 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
     return result
 
 
-def planned_jobs(workdir: Path) -> dict[str, int]:
-    """Jobs per rule that a dry run would execute (Snakemake's job-count table)."""
-    result = run(snakemake_command(workdir, "--dry-run", "--quiet", "rules"))
+def planned_jobs(workdir: Path, *targets: str) -> dict[str, int]:
+    """Jobs per rule that a dry run (of ``targets``, default all) would execute
+    (Snakemake's job-count table)."""
+    result = run(snakemake_command(workdir, *targets, "--dry-run", "--quiet", "rules"))
     counts = {}
     for line in (result.stdout + result.stderr).splitlines():
         words = line.split()

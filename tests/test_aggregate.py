@@ -17,6 +17,7 @@ P2     B01   S2      no cells (empty field)                   empty_field;no_cel
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -35,6 +36,8 @@ from metascreen.aggregate import (
     per_plate_summary,
     per_sample_summary,
     per_well_summary,
+    segmentation_check,
+    segmentation_check_failure,
     wilson_interval,
 )
 
@@ -675,3 +678,97 @@ def test_per_plate_without_cells(cells, fields, platemap):
     assert table["n_cells_after_qc"].tolist() == [14, 0]
     assert table["n_wells_failed_qc"].tolist() == [1, 3]
     assert np.isnan(table.loc[1, "fraction_positive"]) and np.isnan(table.loc[1, "mean_probability"])
+
+
+# ------------------------------------------------------------------ segmentation check
+
+
+def _manifest(well: str, cells_per_field: list[int]) -> dict:
+    """A learned backend's segment/{well}.json."""
+    return {"well": well, "method": "learned", "cells_per_field": cells_per_field, "cell_diameter": 23.4}
+
+
+# With min_cells_per_well 20: A01 has exactly 20 (not low), A02 19 and B01 none (low), B02 55.
+# Fields 0, 0, 8, 9, 10, 12, 25, 30: median 9.5 cells per field.
+SEGMENTED = [
+    _manifest("B02", [30, 25]),
+    _manifest("A01", [12, 8]),
+    _manifest("B01", [0, 0]),
+    _manifest("A02", [10, 9]),
+]
+
+
+def test_segmentation_check_counts_wells_below_the_threshold():
+    check = segmentation_check(SEGMENTED, "P1", min_cells_per_well=20, max_low_cell_well_fraction=0.5)
+    assert check["cells_per_well"] == {"A01": 20, "A02": 19, "B01": 0, "B02": 55}
+    assert list(check["cells_per_well"]) == ["A01", "A02", "B01", "B02"]
+    assert check["low_cell_wells"] == ["A02", "B01"]
+    assert check["low_cell_well_fraction"] == 0.5
+    assert check["median_cells_per_field"] == 9.5
+    assert check["method"] == "learned" and check["cell_diameters"] == [23.4]
+    # 2 of 4 wells is at the limit of 0.5, not above it: the plate passes.
+    assert check["passes"] is True and segmentation_check_failure(check) is None
+    json.dumps(check)  # what the stage writes as check.json
+
+
+@pytest.mark.parametrize(
+    ("min_cells", "max_fraction", "passes"),
+    [
+        (20, 0.49, False),
+        (20, 0.51, True),
+        (19, 0.25, True),
+        (21, 0.5, False),
+        (0, 0.25, True),
+        (0, 0.24, False),
+    ],
+)
+def test_segmentation_check_passes_up_to_the_share_of_low_cell_wells(min_cells, max_fraction, passes):
+    # min 19: only B01 is low (1 of 4); min 21: A01 too (3 of 4); min 0: a well without cells is low.
+    check = segmentation_check(
+        SEGMENTED, "P1", min_cells_per_well=min_cells, max_low_cell_well_fraction=max_fraction
+    )
+    assert check["passes"] is passes
+    assert (segmentation_check_failure(check) is None) is passes
+
+
+def test_segmentation_check_failure_names_cause_and_fix():
+    check = segmentation_check(SEGMENTED, "P1", min_cells_per_well=20, max_low_cell_well_fraction=0.25)
+    message = segmentation_check_failure(check)
+    assert message.startswith(
+        "plate P1: segmentation found fewer than 20 cells (qc.min_cells_per_well) in 2 of 4 wells "
+        "(A02, B01), more than qc.max_low_cell_well_fraction = 0.25 of them; median 9.5 cells per field, "
+        "learned segmentation at a cell diameter of 23.4 px."
+    )
+    for fix in (
+        "`metascreen preview`",
+        "segment.learned.cell_diameter",
+        "segment.learned.finetune",
+        "Your own plate",
+    ):
+        assert fix in message
+    assert "\n" not in message
+
+
+def test_segmentation_check_failure_of_an_empty_plate_counts_the_wells_it_does_not_name():
+    manifests = [_manifest(f"A{column:02d}", [0, 1]) for column in range(1, 8)] + [_manifest("B01", [40])]
+    check = segmentation_check(manifests, "P2", min_cells_per_well=20, max_low_cell_well_fraction=0.5)
+    assert check["low_cell_well_fraction"] == 7 / 8 and check["median_cells_per_field"] == 1.0
+    message = segmentation_check_failure(check, wells_named=3)
+    assert "in 7 of 8 wells (A01, A02, A03 and 4 more)" in message
+
+
+def test_segmentation_check_failure_of_a_classical_backend_suggests_its_own_settings():
+    manifests = [{"well": "A01", "method": "label_free", "cells_per_field": [0]}]
+    check = segmentation_check(manifests, "P1", min_cells_per_well=0, max_low_cell_well_fraction=0.5)
+    assert check["cell_diameters"] == [] and check["low_cell_wells"] == ["A01"]
+    message = segmentation_check_failure(check)
+    assert "fewer than 1 cells" in message and "label_free segmentation." in message
+    assert "segment.label_free" in message and "segment.method: learned" in message
+    assert "cell diameter" not in message
+
+
+def test_segmentation_check_rejects_no_wells_and_bad_thresholds():
+    with pytest.raises(ValueError, match="no segmentation manifests"):
+        segmentation_check([], "P1", min_cells_per_well=20, max_low_cell_well_fraction=0.5)
+    with pytest.raises(ValueError, match="max_low_cell_well_fraction in"):
+        segmentation_check(SEGMENTED, "P1", min_cells_per_well=20, max_low_cell_well_fraction=1.5)

@@ -124,3 +124,28 @@ def test_a_platemap_well_with_a_stray_space_is_named(tmp_path):
             plates=["P1"],
             classes={"negative": "a", "positive": "b"},
         )
+
+
+def test_a_plate_whose_segmentation_found_almost_nothing_stops_with_one_line(tmp_path, capsys):
+    manifests = []
+    for well, cells in (("A01", [0, 0]), ("A02", [1, 0]), ("B01", [35, 40])):
+        manifests.append(tmp_path / f"{well}.json")
+        manifests[-1].write_text(
+            json.dumps({"well": well, "method": "learned", "cells_per_field": cells, "cell_diameter": 61.0})
+        )
+    qc = '{"min_cells_per_well": 20, "max_low_cell_well_fraction": 0.5}'
+    arguments = ["check-segmentation", "--plate", "P1", "--manifests", *map(str, manifests), "--qc", qc]
+    status = cli.main([*arguments, "--output", str(tmp_path / "check.json")])
+    error = capsys.readouterr().err
+    assert status == 1 and "Traceback" not in error
+    assert error.startswith(
+        "metascreen check-segmentation: error: plate P1: segmentation found fewer than 20 cells "
+        "(qc.min_cells_per_well) in 2 of 3 wells (A01, A02)"
+    )
+    assert "median 0.5 cells per field, learned segmentation at a cell diameter of 61.0 px" in error
+    assert len(error.strip().splitlines()) == 1 and not (tmp_path / "check.json").exists()
+
+    tolerant = '{"min_cells_per_well": 20, "max_low_cell_well_fraction": 0.7}'
+    assert cli.main([*arguments[:-1], tolerant, "--output", str(tmp_path / "check.json")]) == 0
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert check["cells_per_well"] == {"A01": 0, "A02": 1, "B01": 75} and check["passes"] is True

@@ -195,6 +195,30 @@ def test_user_regex_needs_named_groups(tmp_path):
     assert files["well"].tolist() == ["B03"]
 
 
+def test_metaxpress_timepoint_and_zstep_folders_give_t_and_z(tmp_path):
+    # MetaXpress's export of a time-lapse Z series: TimePoint_N/ZStep_M/ folders, and each time
+    # point's Z projection beside its ZStep folders
+    image = np.zeros((8, 8), np.uint16)
+    for t in (1, 2):
+        for z in (1, 2, 3):
+            folder = tmp_path / "img" / f"TimePoint_{t}" / f"ZStep_{z}"
+            folder.mkdir(parents=True)
+            for channel in (1, 2):
+                tifffile.imwrite(folder / f"P1_B03_s1_w{channel}.TIF", image)
+        tifffile.imwrite(tmp_path / "img" / f"TimePoint_{t}" / "P1_B03_s1_w1.TIF", image)
+    (tmp_path / "img" / "other").mkdir()  # not an export folder: not searched
+    tifffile.imwrite(tmp_path / "img" / "other" / "P1_C01_s1_w1.TIF", image)
+
+    files, unmatched = discover.discover_files(tmp_path / "img", discover.naming_pattern("imagexpress"))
+    assert len(files) == 12 and files["well"].unique().tolist() == ["B03"]
+    assert sorted(set(zip(files["t"], files["z"], files["channel"], strict=True))) == [
+        (t, z, c) for t in (0, 1) for z in (0, 1, 2) for c in (0, 1)
+    ]
+    assert unmatched == [f"TimePoint_{t}/P1_B03_s1_w1.TIF (Z projection)" for t in (1, 2)]
+    layout = discover.plan_plate("P1", files, unmatched, ["B03"])
+    assert layout["shape"][:3] == [2, 2, 3]  # (t, c, z)
+
+
 def test_plan_reports_layout_and_unexpected_wells(tmp_path):
     write_tiffs(tmp_path / "img", ["A01", "A02", "B01"], fields=3, channels=2)
     (tmp_path / "img" / "notes.txt").write_text("x")

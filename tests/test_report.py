@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import re
 from html.parser import HTMLParser
 
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
+from matplotlib.image import imread
 
 from metascreen.aggregate import (
     PER_PLATE_COLUMNS,
@@ -19,6 +21,7 @@ from metascreen.aggregate import (
     per_sample_summary,
     per_well_summary,
 )
+from metascreen.overlay import outline_overlay
 from metascreen.report import (
     figure_to_data_uri,
     infer_plate_format,
@@ -446,3 +449,45 @@ def test_skipped_fields_are_listed_in_quality_control(tables):
     html = render_page(tables, skipped_fields=skipped)
     assert "P1_A02_s2_w1.TIF" in html and "skipped at ingest" in html
     assert "skipped at ingest" not in render_page(tables)
+
+
+def test_segmentation_section_shows_overlays_and_the_fine_tuning_evaluation(tables):
+    labels = np.zeros((30, 40), np.int32)
+    labels[5:15, 5:15] = 1
+    rgb = outline_overlay(np.random.default_rng(2).normal(size=(30, 40)), labels)
+    evaluation = {
+        "ap50_before": 0.412,
+        "ap50_after": 0.786,
+        "validation": "right half of <each> field",
+        "n_annotated_fields": 3,
+        "train_seconds": 84.5,
+    }
+    page = render_page(
+        tables, overlays=[(f"{NASTY} / B02 / field 0 / 1 cells", rgb)], segmenter_evaluation=evaluation
+    )
+    parsed = parse(page)
+    assert parsed.errors == [] and "Segmentation" in parsed.text
+    # the overlay is one more embedded PNG, of exactly the overlay's pixels, with its caption
+    shown = [image for image in parsed.images if image["alt"] == f"{NASTY} / B02 / field 0 / 1 cells"]
+    assert len(parsed.images) == 9 and len(shown) == 1
+    png = base64.b64decode(shown[0]["src"].removeprefix("data:image/png;base64,"), validate=True)
+    decoded = (imread(io.BytesIO(png), format="png")[..., :3] * 255).round().astype(np.uint8)
+    assert np.array_equal(decoded, rgb)
+    assert f"{NASTY} / B02 / field 0 / 1 cells" in "".join(parsed.text)
+    for row in (
+        ["AP@0.5 before fine-tuning", "0.412"],
+        ["AP@0.5 after fine-tuning", "0.786"],
+        ["held out for validation", "right half of <each> field"],
+        ["annotated fields", "3"],
+        ["training time (s)", "84.500"],
+    ):
+        assert row in parsed.rows
+    # without them the section says so, and has no fine-tuning table
+    plain = render_page(tables)
+    assert "No segmentation overlays." in plain and "fine-tuning" not in plain
+    with pytest.raises(ValueError, match="train_seconds"):
+        render_page(
+            tables, segmenter_evaluation={k: v for k, v in evaluation.items() if k != "train_seconds"}
+        )
+    with pytest.raises(ValueError, match=r"\(Y, X, 3\) uint8"):
+        render_page(tables, overlays=[("grey", labels.astype(np.uint8))])

@@ -193,6 +193,7 @@ def test_changing_a_segmentation_parameter_reruns_segmentation_onwards(uninterru
     n_wells = sum(len(wells) for _, wells in PLATES.values())
     assert planned_jobs(workdir) == {
         "segment_well": n_wells,
+        "check_segmentation": 2,
         "measure_well": n_wells,
         "train": 1,
         "classify_well": n_wells,

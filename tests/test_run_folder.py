@@ -142,3 +142,19 @@ def test_run_plans_the_workflow_in_the_run_folder_only(tmp_path):
     counts = dict(line.split() for line in result.stdout.splitlines() if len(line.split()) == 2)
     assert counts["plan_plate"] == "1" and counts["ingest_well"] == "2"  # Exp1 only, not the demo plate
     assert "config/config.yaml" not in result.stdout + result.stderr
+
+
+def test_a_configfile_of_ones_own_is_not_merged_into_the_demo_config(tmp_path):
+    run = filled_run_folder(tmp_path)
+    # from the project folder, where the demo's config/config.yaml sits
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--configfile", str(run / "config.yaml"), "--dry-run"]
+        + ["--nolock", "--quiet", "rules", "--cores", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = dict(line.split() for line in result.stdout.splitlines() if len(line.split()) == 2)
+    assert counts["plan_plate"] == "1"  # the run folder's plate Exp1, not also the demo plate

@@ -275,8 +275,9 @@ def test_schema_documents_every_backend_parameter_with_its_default():
     properties = section["properties"]
     assert sorted(properties["method"]["enum"]) == sorted(SEGMENTERS)
     assert properties["method"]["default"] == DEFAULT_METHOD
-    # keys the workflow turns into a backend parameter (a diameter in µm, via the pixel size)
-    workflow_only = {"learned": {"cell_diameter_um"}}
+    # keys the workflow turns into a backend parameter (a diameter in µm, via the pixel size;
+    # fine-tuning, whose model becomes the backend's weights)
+    workflow_only = {"learned": {"cell_diameter_um", "finetune"}}
     for name, backend in SEGMENTERS.items():
         schema = properties[name]
         assert schema["additionalProperties"] is False and schema["default"] == {}

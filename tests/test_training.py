@@ -232,6 +232,57 @@ def test_split_wells_errors() -> None:
         split_wells(_wells(5), seed=0, val_fraction=0.5, test_fraction=0.5)
 
 
+def test_split_wells_error_names_the_lost_wells_of_the_short_class() -> None:
+    wells = _wells(3)
+    lost = pd.DataFrame(
+        {
+            "well_key": ["p/Z01", "p/Z02", "p/Z03"],
+            "label": [1, 0, 1],
+            "reason": ["no cells segmented", "no cells segmented", "no cells segmented"],
+        }
+    )
+    assert split_wells(wells, seed=0, lost_wells=lost).equals(split_wells(wells, seed=0))
+    with pytest.raises(ValueError) as raised:
+        split_wells(wells[wells["label"] == 0], seed=0, lost_wells=lost)
+    message = str(raised.value)
+    assert "Class 1 has 0 well(s)" in message
+    assert "Left out of this class: p/Z01 (no cells segmented), p/Z03 (no cells segmented);" in message
+    assert "p/Z02" not in message and "`metascreen preview`" in message
+    assert message.endswith(
+        'README "Your own plate"). Add labelled wells of this class to the training configuration.'
+    )
+
+
+def test_train_names_the_training_wells_without_cells(tmp_path) -> None:
+    from metascreen import stages
+    from metascreen.config import ConfigError
+
+    # The plate: segmentation found cells in few wells; B02-B04 of the positive class have none.
+    cells_per_well = {"A01": 5, "A02": 5, "A03": 5, "B01": 5, "B02": 0, "B03": 0, "B04": 0}
+    tables, crops = [], []
+    for well, n_cells in cells_per_well.items():
+        tables.append(tmp_path / f"{well}.parquet")
+        crops.append(tmp_path / f"{well}.zarr")
+        stages.write_table(pd.DataFrame({"plate": ["P1"] * n_cells, "well": [well] * n_cells}), tables[-1])
+        stages.write_crops(crops[-1], np.zeros((n_cells, 1, CROP, CROP), np.float32), {})
+    platemap = pd.DataFrame(
+        {"plate": "P1", "well": list(cells_per_well), "train_class": ["low"] * 3 + ["high"] * 4}
+    )
+    classes = {"negative": "low", "positive": "high"}
+    settings = {"seed": 0, "val_fraction": 0.25, "test_fraction": 0.25}
+    model = tmp_path / "model.safetensors"
+    with pytest.raises(ConfigError) as raised:
+        stages.train(tables, crops, platemap, classes, settings, {}, model, tmp_path / "evaluation.json")
+    message = str(raised.value)
+    assert message.startswith("Class 1 has 1 well(s); splitting by well needs at least 3 wells per class")
+    assert (
+        "Left out of this class: P1/B02 (no cells segmented), P1/B03 (no cells segmented), "
+        "P1/B04 (no cells segmented)" in message
+    )
+    assert "segment.learned.cell_diameter" in message and "P1/A0" not in message
+    assert not model.exists()
+
+
 def test_split_wells_keeps_a_training_well_with_large_fractions() -> None:
     split = split_wells(_wells(4), seed=0, val_fraction=0.45, test_fraction=0.45)
     labels = _wells(4)["label"].to_numpy()

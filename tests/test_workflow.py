@@ -18,7 +18,7 @@ from ome_zarr_models.v05.image import Image
 from metascreen.aggregate import CELL_KEYS
 
 from .conftest import ROOT
-from .small_plate import BIN, planned_jobs, run, snakemake_command
+from .small_plate import BIN, environment, planned_jobs, run, snakemake_command, write_config, write_plate
 
 # Four pure wells per class (the minimum for a train/val/test split by well plus margin)
 # and three mixed samples.
@@ -115,8 +115,10 @@ def test_rerun_redoes_only_the_unfinished_well(finished_run):
     shutil.rmtree(results / "demo" / "crops" / "C02.zarr")
     shutil.rmtree(results / "summary")
     counts = planned_jobs(finished_run)
+    # The plate's segmentation check reruns with the well; nothing after it reruns for it.
     assert counts == {
         "segment_well": 1,
+        "check_segmentation": 1,
         "measure_well": 1,
         "classify_well": 1,
         "collect_plate": 1,
@@ -125,3 +127,39 @@ def test_rerun_redoes_only_the_unfinished_well(finished_run):
         "report_index": 1,
         "all": 1,
     }
+
+
+@pytest.mark.slow
+def test_a_plate_whose_segmentation_finds_too_few_cells_stops_before_training(tmp_path):
+    plate, workdir = tmp_path / "plate", tmp_path / "run"
+    write_plate(plate, seed=3, wells=["A01", "A03", "A04"])  # a training well of each class, a mixture
+    workdir.mkdir()
+    write_config(workdir, {"demo": plate})
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    # No well reaches this many cells: a plate on which segmentation "finds nothing", without the
+    # time of segmenting bad images; a set diameter skips the estimate.
+    config["qc"]["min_cells_per_well"] = 100_000
+    config["segment"]["learned"]["cell_diameter"] = 20
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run(snakemake_command(workdir), env=environment(), capture_output=True, text=True)
+    assert result.returncode != 0
+    error = (workdir / "results" / "logs" / "demo" / "segment" / "check.log").read_text()
+    assert error.startswith(
+        "metascreen check-segmentation: error: plate demo: segmentation found fewer than 100000 cells "
+        "(qc.min_cells_per_well) in 3 of 3 wells (A01, A03, A04), more than qc.max_low_cell_well_fraction "
+        "= 0.5 of them; median "
+    )
+    assert "learned segmentation at a cell diameter of 20.0 px" in error and "`metascreen preview`" in error
+    assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
+    assert error.strip() in result.stdout + result.stderr  # Snakemake shows the failed job's log
+    results = workdir / "results"
+    assert sorted(path.name for path in (results / "demo" / "segment").glob("*.json")) == [
+        "A01.json",
+        "A03.json",
+        "A04.json",
+    ]
+    # Training and classification never started.
+    assert not (results / "logs" / "model").exists() and not (results / "model").exists()
+    assert (
+        not (results / "logs" / "demo" / "classify").exists() and not (results / "demo" / "classify").exists()
+    )

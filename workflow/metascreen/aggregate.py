@@ -1,6 +1,6 @@
 """Per-cell, per-field, per-well, per-sample and per-plate tables.
 
-Every function here is pure: DataFrames in, DataFrames out, no file I/O.
+Every function here is pure: DataFrames (or segmentation manifests) in, tables out, no file I/O.
 
 The per-cell table
 ------------------
@@ -16,7 +16,9 @@ of the positive class, ``Cells_probability``. The summaries below read that tabl
 
 Quality control
 ---------------
-QC acts at two levels; "after QC" counts what passes both.
+QC acts on fields and wells; "after QC" counts what passes both. Before either, a plate
+whose segmentation found too few cells in too many wells stops the run
+(:func:`segmentation_check`).
 
 * Fields (:func:`field_table`): ``empty_field`` when no cell was segmented, the field
   is nearly uniform (``contrast < min_contrast``: blank, black or fully saturated) or it
@@ -34,7 +36,8 @@ QC acts at two levels; "after QC" counts what passes both.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -54,6 +57,8 @@ __all__ = [
     "per_plate_summary",
     "per_sample_summary",
     "per_well_summary",
+    "segmentation_check",
+    "segmentation_check_failure",
     "wilson_interval",
 ]
 
@@ -522,6 +527,126 @@ def per_plate_summary(
     return table[PER_PLATE_COLUMNS].sort_values("plate", ignore_index=True)
 
 
+def segmentation_check(
+    manifests: Sequence[Mapping[str, Any]],
+    plate: str,
+    *,
+    min_cells_per_well: int,
+    max_low_cell_well_fraction: float,
+) -> dict[str, Any]:
+    """Check that segmentation found cells in enough of a plate's wells to train and classify.
+
+    Parameters
+    ----------
+    manifests
+        The segmentation manifests of the plate's wells (``segment/{well}.json``): ``well``,
+        ``method``, ``cells_per_field`` and, for the learned backend, ``cell_diameter`` (px).
+    plate
+        The plate's id.
+    min_cells_per_well
+        A well with fewer segmented cells is a low-cell well (one without cells always is),
+        as in the well QC of :func:`per_well_summary`.
+    max_low_cell_well_fraction
+        The plate passes when at most this share of its wells are low-cell wells.
+
+    Returns
+    -------
+    dict
+        JSON-ready: ``plate``, ``method`` (", "-joined if the wells differ),
+        ``cell_diameters`` (the distinct diameters used, px; empty for backends without
+        one), both thresholds, ``cells_per_well`` (well -> segmented cells, sorted by
+        well), ``low_cell_wells`` (sorted), ``low_cell_well_fraction``,
+        ``median_cells_per_field`` (over all the plate's fields) and ``passes``.
+
+    Raises
+    ------
+    ValueError
+        If there are no manifests or a threshold is out of range.
+    """
+    if not manifests:
+        raise ValueError(f"plate {plate}: no segmentation manifests to check")
+    if min_cells_per_well < 0 or not 0 <= max_low_cell_well_fraction <= 1:
+        raise ValueError(
+            "min_cells_per_well must be >= 0 and max_low_cell_well_fraction in [0, 1], got "
+            f"{min_cells_per_well!r} and {max_low_cell_well_fraction!r}"
+        )
+    cells_per_well = {
+        manifest["well"]: int(sum(manifest["cells_per_field"]))
+        for manifest in sorted(manifests, key=lambda manifest: manifest["well"])
+    }
+    threshold = _min_cells_to_pass(min_cells_per_well)
+    low_cell_wells = [well for well, n_cells in cells_per_well.items() if n_cells < threshold]
+    low_cell_well_fraction = len(low_cell_wells) / len(cells_per_well)
+    cells_per_field = [n_cells for manifest in manifests for n_cells in manifest["cells_per_field"]]
+    return {
+        "plate": plate,
+        "method": ", ".join(sorted({manifest["method"] for manifest in manifests})),
+        "cell_diameters": sorted(
+            {float(manifest["cell_diameter"]) for manifest in manifests if "cell_diameter" in manifest}
+        ),
+        "min_cells_per_well": min_cells_per_well,
+        "max_low_cell_well_fraction": max_low_cell_well_fraction,
+        "cells_per_well": cells_per_well,
+        "low_cell_wells": low_cell_wells,
+        "low_cell_well_fraction": low_cell_well_fraction,
+        "median_cells_per_field": float(np.median(cells_per_field)) if cells_per_field else 0.0,
+        "passes": low_cell_well_fraction <= max_low_cell_well_fraction,
+    }
+
+
+def segmentation_check_failure(check: Mapping[str, Any], *, wells_named: int = 5) -> str | None:
+    """The one-line message that stops a plate failing :func:`segmentation_check`.
+
+    Parameters
+    ----------
+    check
+        Output of :func:`segmentation_check`.
+    wells_named
+        How many low-cell wells the message names; the rest are counted.
+
+    Returns
+    -------
+    str or None
+        None when the plate passes; else what segmentation found (low-cell wells of all
+        wells, median cells per field), with which method and cell diameter, and what to do.
+    """
+    if check["passes"]:
+        return None
+    low = check["low_cell_wells"]
+    named = ", ".join(low[:wells_named])
+    if len(low) > wells_named:
+        named += f" and {len(low) - wells_named} more"
+    method = check["method"]
+    used = f"{method} segmentation"
+    if check["cell_diameters"]:
+        diameters = ", ".join(f"{diameter:.1f}" for diameter in check["cell_diameters"])
+        used += f" at a cell diameter of {diameters} px"
+    if "learned" in method.split(", "):
+        fix = (
+            "set segment.learned.cell_diameter (px) to the cells' typical diameter, or fine-tune the "
+            "segmenter on a few annotated fields of this plate with segment.learned.finetune "
+            '(README "Your own plate")'
+        )
+    else:
+        fix = (
+            f"check segment.channel and the parameters under segment.{method}, or use segment.method: "
+            'learned (README "Segmentation backends")'
+        )
+    return (
+        f"plate {check['plate']}: segmentation found fewer than "
+        f"{_min_cells_to_pass(check['min_cells_per_well'])} cells (qc.min_cells_per_well) in {len(low)} of "
+        f"{len(check['cells_per_well'])} wells ({named}), more than qc.max_low_cell_well_fraction = "
+        f"{check['max_low_cell_well_fraction']:g} of them; median {check['median_cells_per_field']:g} cells "
+        f"per field, {used}. Look at the masks with `metascreen preview`, then {fix}. Training on "
+        "its wells and its classification wait until it passes."
+    )
+
+
+def _min_cells_to_pass(min_cells: int) -> int:
+    """The cells a well needs to pass QC: ``min_cells``, but a well without cells never passes."""
+    return max(min_cells, 1)
+
+
 def _require_columns(table: pd.DataFrame, columns: Sequence[str], name: str, fix: str) -> None:
     """Raise a ValueError naming the columns of ``columns`` absent from ``table``."""
     missing = [column for column in columns if column not in table.columns]
@@ -642,7 +767,7 @@ def _well_table(
     table = table.merge(_cell_stats(_kept_cells(cells, platemap[_KEYS]), _KEYS), on=_KEYS, how="left")
     table = _with_fractions(_fill_counts(table, ["n_fields", "n_fields_after_qc"]))
     n_cells = table["n_cells_after_qc"]
-    table["passes_qc"] = n_cells >= max(min_cells, 1)
+    table["passes_qc"] = n_cells >= _min_cells_to_pass(min_cells)
     well_flags = {"no_cells": n_cells == 0, "too_few_cells": (n_cells > 0) & (n_cells < min_cells)}
     table["qc_flags"] = [
         _join_flags([own, inherited])

@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
         "synth-world",
         "Write fields of the varied synthetic world (name.tif + name_masks.tif pairs per style).",
         ("out", {"type": Path}),
-        ("--styles", {"nargs": "+", "help": "style names (default: all; see metascreen.styles)"}),
+        (
+            "--styles",
+            {"nargs": "+", "help": "style names (default: the pretraining styles; see metascreen.styles)"},
+        ),
         ("--fields-per-style", {"type": int, "default": 4}),
         ("--size", {"type": int, "default": 256, "help": "field edge in pixels"}),
         ("--seed", {"type": int, "default": 0}),
@@ -78,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         ("--seed", {"type": int, "default": 0}),
         ("--steps", {"type": int, "default": None, "help": "optimiser steps (default: the shipped run's)"}),
-        ("--styles", {"nargs": "+", "help": "style names (default: all)"}),
+        ("--styles", {"nargs": "+", "help": "style names (default: all but the held-out ones)"}),
         ("--device", {"default": "auto", "help": "auto (CUDA when available), cpu or cuda"}),
         ("--threads", {"type": int, "default": 2, "help": "CPU threads of torch"}),
     )
@@ -105,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         "Validate a config file and its plate map; print what would run.",
         ("--config", {"type": Path, "default": Path("config/config.yaml")}),
+    )
+    _add(
+        commands,
+        "preview",
+        "Segment a seeded sample of each plate's fields with the config's settings, before a run; "
+        "write an outline overlay per field and a table.",
+        ("--config", {"type": Path, "required": True}),
+        ("--fields", {"type": int, "default": 6, "help": "fields per plate (default: 6)"}),
+        ("--seed", {"type": int, "default": 0, "help": "seed of the sample (default: 0)"}),
+        ("--out", {"type": Path, "default": None, "help": "output folder (default: preview/ beside CONFIG)"}),
     )
     _add(
         commands,
@@ -141,12 +154,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(
         commands,
+        "train-segmenter",
+        "Fine-tune the learned segmenter on annotated fields; write the model and its held-out evaluation.",
+        (
+            "--annotations",
+            {**many, "help": "folders of NAME.tif + NAME_masks.tif pairs, or plates' .ome.zarr"},
+        ),
+        settings,
+        ("--model", required),
+        ("--evaluation", required),
+        threads,
+    )
+    _add(
+        commands,
         "estimate-diameter",
         "Estimate a plate's typical cell diameter for the learned segmenter from a sample of fields.",
         ("--plan", required),
         settings,
         ("--output", required),
         threads,
+    )
+    _add(
+        commands,
+        "check-segmentation",
+        "Check that segmentation found cells in enough of a plate's wells; stop the plate if not.",
+        ("--plate", required),
+        ("--manifests", many),
+        ("--qc", {"required": True, "type": _json, "help": "the config's qc thresholds as JSON"}),
+        ("--output", required),
     )
     _add(
         commands,
@@ -240,8 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("--plan", required),
         ("--model", required),
         ("--crops-dir", required),
+        ("--zarr", {"required": True, "help": "the plate's OME-Zarr (segmentation overlays)"}),
         ("--config", {"required": True, "type": _json}),
         ("--cell-diameter", {"default": None, "help": "the plate's cell-diameter estimate (JSON)"}),
+        (
+            "--segmenter-evaluation",
+            {"default": None, "help": "the segmenter's fine-tuning evaluation (JSON), when fine-tuned"},
+        ),
         ("--output", required),
     )
     _add(
@@ -256,12 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check(config_path: Path) -> None:
+def _load_config(config_path: Path) -> dict[str, Any]:
+    """A config file validated, its defaults filled in and its paths taken from its folder."""
     if not config_path.is_file():
         raise configuration.ConfigError(f"config: file not found: {config_path}")
     with open(config_path, encoding="utf-8") as handle:
         config = configuration.validate_config(yaml.safe_load(handle) or {})
-    config = configuration.resolve_paths(config, config_path.parent)
+    return configuration.resolve_paths(config, config_path.parent)
+
+
+def _check(config_path: Path) -> None:
+    config = _load_config(config_path)
     platemap = configuration.validate_platemap(
         configuration.read_platemap(config["platemap"]),
         plates=list(config["plates"]),
@@ -289,6 +334,36 @@ def _init(a: argparse.Namespace) -> None:
     print(f"     and check the commented keys of {found['config']}")
     print(f"  2. metascreen check --config {found['config']}")
     print(f"  3. metascreen run {a.out} --dry-run, then metascreen run {a.out}")
+
+
+def _preview(a: argparse.Namespace) -> None:
+    if a.fields < 1:
+        raise configuration.ConfigError(f"--fields must be at least 1, got {a.fields}")
+    config = _load_config(a.config)
+    out = a.out or a.config.parent / "preview"
+    table = stages.preview(config, out, n_fields=a.fields, seed=a.seed, run_folder=a.config.parent)
+    method = config["segment"]["method"]
+    for plate, fields in table.groupby("plate", sort=True):
+        diameter = fields["cell_diameter_px"].iloc[0]
+        scale = ""
+        if method == "learned":
+            found = f"cell diameter {diameter:.1f} px" if pd.notna(diameter) else "no cells at any scale"
+            scale = f", {found}"
+        print(f"plate {plate}: {method} segmentation of {len(fields)} fields{scale}")
+        for field in fields.itertuples():
+            size = f", median diameter {field.median_diameter_px:.1f} px" if field.cells else ""
+            print(
+                f"  {field.well} f{field.field}: {field.cells} cells{size}, "
+                f"{100 * field.covered_fraction:.0f}% covered"
+            )
+    print(f"overlays ({{plate}}_{{well}}_f{{field}}.png) and preview.csv written to {out}")
+    empty = int((table["cells"] == 0).sum())
+    if empty:
+        print(
+            f"{empty} of {len(table)} fields have no cells: check segment.channel; for the learned "
+            "segmenter set segment.learned.cell_diameter (px) by hand, or fine-tune it on a few "
+            'annotated fields (README, "Your own plate")'
+        )
 
 
 def _run_folder(a: argparse.Namespace) -> int:
@@ -345,14 +420,20 @@ def run(arguments: argparse.Namespace) -> int:
         _pretrain_segmenter(a)
     elif a.command == "check":
         _check(a.config)
+    elif a.command == "preview":
+        _preview(a)
     elif a.command == "plan":
         stages.plan(a.plate, a.images, a.platemap, a.settings, a.plan, a.zarr)
     elif a.command == "ingest":
         stages.ingest_well(a.plan, a.zarr, a.well, a.settings, a.manifest, a.threads)
     elif a.command == "segment":
         stages.segment_well(a.zarr, a.well, a.settings, a.manifest, a.threads, a.cell_diameter)
+    elif a.command == "train-segmenter":
+        stages.train_segmenter(a.annotations, a.settings, a.model, a.evaluation, a.threads)
     elif a.command == "estimate-diameter":
         stages.estimate_cell_diameter(a.plan, a.settings, a.output, a.threads)
+    elif a.command == "check-segmentation":
+        stages.check_segmentation(a.plate, a.manifests, a.qc, a.output)
     elif a.command == "measure":
         stages.measure_well(
             a.zarr, a.plate, a.well, a.settings, a.channel, a.saturation_level, a.table, a.crops, a.fields
@@ -406,9 +487,11 @@ def run(arguments: argparse.Namespace) -> int:
             a.plan,
             a.model,
             a.crops_dir,
+            a.zarr,
             a.config,
             a.output,
             a.cell_diameter,
+            a.segmenter_evaluation,
         )
     elif a.command == "report-index":
         stages.report_index(a.plates, a.per_plate, a.per_sample, a.output)

@@ -87,7 +87,7 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def resolve_paths(config: dict[str, Any], base: str | Path) -> dict[str, Any]:
     """The config with its relative paths (``plates.*.images``, ``platemap``,
-    ``segment.learned.weights``) taken from ``base``.
+    ``segment.learned.weights``, ``segment.learned.finetune.annotations``) taken from ``base``.
 
     Paths in a config are relative to the config file's folder (``base``), so a run folder
     works from anywhere. They are returned relative to the current directory (normalised:
@@ -109,6 +109,8 @@ def resolve_paths(config: dict[str, Any], base: str | Path) -> dict[str, Any]:
     learned = resolved.get("segment", {}).get("learned", {})
     if learned.get("weights"):
         learned["weights"] = resolve(learned["weights"])
+    if learned.get("finetune"):
+        learned["finetune"]["annotations"] = [resolve(path) for path in learned["finetune"]["annotations"]]
     return resolved
 
 

@@ -9,6 +9,7 @@ mapped to 0-based indices by their sorted order, so 1-based (ImageXpress ``s1``)
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ PRESETS: dict[str, str] = {
         r"_(?P<field>\d+)_(?P<t>\d{2,}d\d{2}h\d{2}m)(?:_(?P<tile>\d+))?\.tiff?$"
     ),
 }
+# MetaXpress export folders of one time point (TimePoint_N) and one Z step (ZStep_N)
+_FOLDER_AXES = {"t": "TimePoint", "z": "ZStep"}
 # tifffile series axes -> ours: pages of unknown meaning (Q, I) are taken as Z planes
 AXIS_OF = {"T": "t", "C": "c", "S": "c", "Z": "z", "Q": "z", "I": "z", "Y": "y", "X": "x"}
 
@@ -112,8 +115,31 @@ def axis_key(token: str | None) -> tuple[int, int, str]:
     return (1, rank, token)
 
 
+def folder_axes(relative_folder: str | Path) -> dict[str, str]:
+    """The time point and Z step that MetaXpress export folders give a file.
+
+    MetaXpress writes a time series into ``TimePoint_N/`` folders and a Z series into
+    ``ZStep_N/`` folders (inside them, or at the top).
+
+    Examples
+    --------
+    >>> folder_axes("TimePoint_3/ZStep_2")
+    {'t': '3', 'z': '2'}
+    >>> folder_axes(".")
+    {}
+    """
+    axes = {}
+    for part in Path(relative_folder).parts:
+        for axis, name in _FOLDER_AXES.items():
+            match = re.fullmatch(rf"{name}_(\d+)", part, re.IGNORECASE)
+            if match:
+                axes[axis] = match.group(1)
+    return axes
+
+
 def image_files(folder: str | Path) -> list[Path]:
-    """The files of an image folder (not hidden ones, not sub-folders), sorted by name.
+    """The files of an image folder and of its MetaXpress ``TimePoint_N`` / ``ZStep_N``
+    sub-folders (not hidden ones, not other sub-folders), sorted by path.
 
     Raises
     ------
@@ -123,13 +149,21 @@ def image_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DiscoveryError(f"image folder not found or not a folder: {folder}")
-    try:
-        entries = sorted(folder.iterdir())
-    except PermissionError as error:
-        raise DiscoveryError(
-            f"image folder {folder} is not readable ({error}); check its permissions"
-        ) from error
-    files = [path for path in entries if path.is_file() and not path.name.startswith(".")]
+
+    def listing(directory: Path) -> list[Path]:
+        try:
+            entries = sorted(directory.iterdir())
+        except PermissionError as error:
+            raise DiscoveryError(
+                f"image folder {directory} is not readable ({error}); check its permissions"
+            ) from error
+        files = [path for path in entries if path.is_file() and not path.name.startswith(".")]
+        for path in entries:
+            if path.is_dir() and folder_axes(path.name):
+                files += listing(path)
+        return files
+
+    files = listing(folder)
     if not files:
         raise DiscoveryError(f"image folder {folder} is empty; point plates.*.images at the plate's TIFFs")
     return files
@@ -141,7 +175,10 @@ def discover_files(folder: str | Path, pattern: re.Pattern[str]) -> tuple[pd.Dat
     Parameters
     ----------
     folder : path
-        The plate's image folder (not searched recursively).
+        The plate's image folder; of its sub-folders only MetaXpress's ``TimePoint_N``
+        and ``ZStep_N`` are searched, and give the time point and Z plane of their files
+        (:func:`folder_axes`); a Z series' projection beside its ``ZStep_N`` folders is
+        left out (listed as unmatched).
     pattern : re.Pattern
         From :func:`naming_pattern`.
 
@@ -154,17 +191,24 @@ def discover_files(folder: str | Path, pattern: re.Pattern[str]) -> tuple[pd.Dat
     """
     records, unmatched = [], []
     for path in image_files(folder):
+        relative = path.relative_to(folder)
         match = pattern.match(path.name)
         if match is None:
-            unmatched.append(path.name)
+            unmatched.append(relative.as_posix())
             continue
         groups = match.groupdict()
-        record = {"path": str(path), "well": _row_col_well(groups)}
+        from_folders = folder_axes(relative.parent)
+        record = {"path": str(path), "well": _row_col_well(groups), "in_z_step": "z" in from_folders}
         for axis in NAMED_AXES:
-            record[f"{axis}_key"] = axis_key(groups.get(axis))
+            record[f"{axis}_key"] = axis_key(groups.get(axis) or from_folders.get(axis))
         # a trailing index (a crop of the image) makes a field of its own
         record["field_key"] = (record["field_key"], axis_key(groups.get("tile")))
         records.append(record)
+    # MetaXpress puts a Z series' projection beside its ZStep_N folders: not a plane of it
+    stepped = {_image_key(record) for record in records if record["in_z_step"]}
+    projections = [r for r in records if not r["in_z_step"] and _image_key(r) in stepped]
+    unmatched += [f"{Path(r['path']).relative_to(folder).as_posix()} (Z projection)" for r in projections]
+    records = [{k: v for k, v in r.items() if k != "in_z_step"} for r in records if r not in projections]
     if not records:
         raise DiscoveryError(
             f"no file in {folder} matches the naming pattern {pattern.pattern!r} "
@@ -181,6 +225,11 @@ def discover_files(folder: str | Path, pattern: re.Pattern[str]) -> tuple[pd.Dat
         names = ", ".join(Path(p).name for p in duplicated["path"][:2])
         raise DiscoveryError(f"two files claim the same well, field, channel, z and t: {names}; remove one")
     return files.sort_values(["well", *NAMED_AXES], ignore_index=True), unmatched
+
+
+def _image_key(record: dict[str, Any]) -> tuple:
+    """A discovered file's well, field, channel and time point: the image its Z planes make."""
+    return (record["well"], record["field_key"], record["channel_key"], record["t_key"])
 
 
 def tczyx_order(axes: str) -> tuple[list[int], list[str]]:
@@ -378,3 +427,42 @@ def plan_plate(
         "unmatched_files": unmatched,
         "skipped": skipped,
     }
+
+
+def sample_fields(
+    fields_of_wells: Mapping[str, Sequence[int]], n_fields: int, seed: int
+) -> list[tuple[str, int]]:
+    """A seeded random sample of a plate's fields, spread across its wells.
+
+    Wells are taken in a random order, one random field of each in turn; a well gives a
+    second field only once every well has given one, so a sample no larger than the
+    number of wells has one field per well.
+
+    Parameters
+    ----------
+    fields_of_wells : mapping of str to sequence of int
+        Each well's field indices (e.g. of a plan's ``wells``).
+    n_fields : int
+        Fields to pick; fewer when the plate has fewer.
+    seed : int
+        Seed of the random choice: the same seed picks the same fields.
+
+    Returns
+    -------
+    list of (well, field)
+        Sorted by well and field.
+
+    Examples
+    --------
+    >>> sample_fields({"A01": [0, 1], "B02": [0, 1], "C03": [0]}, 3, seed=0)
+    [('A01', 0), ('B02', 1), ('C03', 0)]
+    """
+    rng = np.random.default_rng(seed)
+    wells = [str(well) for well in rng.permutation(sorted(fields_of_wells))]
+    unpicked = {well: [int(field) for field in rng.permutation(fields_of_wells[well])] for well in wells}
+    picked: list[tuple[str, int]] = []
+    while len(picked) < n_fields and any(unpicked.values()):
+        for well in wells:
+            if unpicked[well] and len(picked) < n_fields:
+                picked.append((well, unpicked[well].pop()))
+    return sorted(picked)

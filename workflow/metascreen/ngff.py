@@ -393,11 +393,14 @@ def field_indices(plate_path: str | Path, well: str) -> list[int]:
     return [int(image["path"]) for image in group.attrs["ome"]["well"]["images"]]
 
 
-def write_field_labels(plate_path: str | Path, well: str, field: int, labels: np.ndarray) -> None:
-    """Store a field's ``(y, x)`` instance labels as NGFF labels ``labels/cells``.
+def write_field_labels(
+    plate_path: str | Path, well: str, field: int, labels: np.ndarray, name: str = LABELS_NAME
+) -> None:
+    """Store a field's ``(y, x)`` instance labels as the NGFF label image ``labels/{name}``.
 
     The label pyramid has the image's levels and transformations, as NGFF requires;
-    it is written under a hidden name and renamed into place.
+    it is written under a hidden name and renamed into place. Other label images of
+    the field (e.g. a user's ``annotations``) stay, and stay listed.
     """
     image_path = Path(plate_path) / well_path(well) / str(field)
     image_group = zarr.open_group(str(image_path), mode="r+")
@@ -407,14 +410,14 @@ def write_field_labels(plate_path: str | Path, well: str, field: int, labels: np
         raise ValueError(f"labels of shape {labels.shape} do not fit field of shape {level0.shape}")
 
     labels_group = image_group.require_group("labels")
-    partial = image_path / "labels" / f".{LABELS_NAME}.partial"
+    partial = image_path / "labels" / f".{name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     scale = multiscales["datasets"][0]["coordinateTransformations"][0]["scale"]
     _write_image(
         labels_group,
         partial.name,
         labels.reshape(1, 1, 1, *labels.shape),
-        name=LABELS_NAME,
+        name=name,
         factors=pyramid_factors(labels.shape),
         pixel_size=scale[-2:],
         downsample=downsample_nearest,
@@ -424,10 +427,15 @@ def write_field_labels(plate_path: str | Path, well: str, field: int, labels: np
         skip_empty_chunks=True,
     )
     write_label_metadata(labels_group, partial.name, source={"image": "../../"}, fmt=FormatV05())
-    final = image_path / "labels" / LABELS_NAME
+    final = image_path / "labels" / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
-    labels_group.attrs["ome"] = {"version": "0.5", "labels": [LABELS_NAME]}
+    others = [
+        label
+        for label in labels_group.attrs.get("ome", {}).get("labels", [])
+        if label != name and not label.startswith(".")  # no half-written ones
+    ]
+    labels_group.attrs["ome"] = {"version": "0.5", "labels": [*others, name]}
 
 
 def field_labels(plate_path: str | Path, well: str, field: int) -> np.ndarray:

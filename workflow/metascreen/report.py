@@ -1,9 +1,9 @@
 """Self-contained HTML reports: one page per plate and a cross-plate index.
 
 Every function here is pure: tables and dicts in, an HTML string out, no file I/O.
-A page needs no network: plots and cell crops are embedded as base64 PNG data URIs
-and the CSS is inline. Every piece of text that comes from data (sample names,
-captions, provenance) goes through :func:`html.escape`.
+A page needs no network: plots, cell crops and segmentation overlays are embedded as
+base64 PNG data URIs and the CSS is inline. Every piece of text that comes from data
+(sample names, captions, provenance) goes through :func:`html.escape`.
 
 Plots are drawn on plain :class:`matplotlib.figure.Figure` objects rendered by the
 Agg backend, never through :mod:`matplotlib.pyplot`, so no figure is registered in
@@ -27,11 +27,11 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import Colormap, ListedColormap
+from matplotlib.colors import Colormap, ListedColormap, to_hex
 from matplotlib.figure import Figure
-from matplotlib.image import imsave
 
 from metascreen.aggregate import CONFIDENCE, wilson_interval
+from metascreen.overlay import OUTLINE_COLOUR, contrast_stretch, encode_png
 
 __all__ = [
     "figure_to_data_uri",
@@ -75,6 +75,14 @@ _METRICS = (
     ("baseline_ece", "baseline ECE"),
 )
 _EVALUATION_PLOTTED = {"confusion_matrix", "reliability"}
+#: Entries of the segmenter's fine-tuning evaluation, in the order shown.
+_SEGMENTER_EVALUATION = (
+    ("ap50_before", "AP@0.5 before fine-tuning"),
+    ("ap50_after", "AP@0.5 after fine-tuning"),
+    ("validation", "held out for validation"),
+    ("n_annotated_fields", "annotated fields"),
+    ("train_seconds", "training time (s)"),
+)
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em auto;
@@ -94,6 +102,8 @@ caption { caption-side: top; text-align: left; color: #555; padding-bottom: 0.3e
 figure.thumb { margin: 0; width: 96px; font-size: 0.7em; text-align: center; }
 figure.thumb img { width: 96px; height: 96px; image-rendering: pixelated; display: block; }
 figure.thumb figcaption { overflow-wrap: anywhere; }
+figure.overlay { margin: 0; width: 512px; max-width: 100%; font-size: 0.8em; }
+figure.overlay img { display: block; width: 100%; height: auto; image-rendering: pixelated; }
 dl.provenance dt { font-weight: bold; margin-top: 0.5em; }
 dl.provenance dd { margin-left: 1.5em; }
 pre { background: #f7f7f7; padding: 0.5em; overflow-x: auto; font-size: 0.8em; max-height: 30em; }
@@ -179,6 +189,8 @@ def render_plate_report(
     negative_class: str,
     fields: pd.DataFrame | None = None,
     skipped_fields: pd.DataFrame | None = None,
+    overlays: Sequence[tuple[str, np.ndarray]] = (),
+    segmenter_evaluation: Mapping[str, Any] | None = None,
 ) -> str:
     """Render the self-contained HTML report of one plate.
 
@@ -216,6 +228,13 @@ def render_plate_report(
     skipped_fields
         Fields left out at ingest (columns well, field, file, reason), shown in the
         quality-control section.
+    overlays
+        ``(caption, (Y, X, 3) uint8 image)`` pairs: segmentation outlines on fields
+        (:func:`metascreen.overlay.outline_overlay`), shown in the segmentation section.
+    segmenter_evaluation
+        The segmenter's fine-tuning evaluation, shown in the segmentation section:
+        ``ap50_before``, ``ap50_after``, ``validation`` (what was held out),
+        ``n_annotated_fields`` and ``train_seconds``.
 
     Returns
     -------
@@ -225,7 +244,8 @@ def render_plate_report(
     Raises
     ------
     ValueError
-        If a required column is missing, a well id is malformed or a crop is not 2-D.
+        If a required column or evaluation key is missing, a well id is malformed, a crop
+        is not 2-D or an overlay not RGB.
     """
     _require_columns(
         per_well,
@@ -262,6 +282,7 @@ def render_plate_report(
         _summary_section(plate, wells, plate_cells, positive_class, negative_class),
         _layout_section(wells, positive_class),
         _qc_section(wells, plate_fields, skipped_fields),
+        _segmentation_section(overlays, segmenter_evaluation),
         _samples_section(per_sample, samples, plate_cells, positive_class),
         _wells_section(wells),
         _evaluation_section(evaluation, positive_class, negative_class),
@@ -450,6 +471,37 @@ def _qc_section(wells: pd.DataFrame, fields: pd.DataFrame | None, skipped_fields
                 caption=f"{len(skipped_fields)} field(s) skipped at ingest (ingest.bad_files: skip).",
             )
         )
+    return "\n".join(parts)
+
+
+def _segmentation_section(
+    overlays: Sequence[tuple[str, np.ndarray]], segmenter_evaluation: Mapping[str, Any] | None
+) -> str:
+    """Outline overlays of a few fields and, when given, the segmenter's fine-tuning evaluation."""
+    parts = ["<h2>Segmentation</h2>"]
+    if overlays:
+        swatch = f'<span style="color: {to_hex(OUTLINE_COLOUR)}">&#9632;</span>'
+        parts.append(
+            f'<p class="note">Outlines ({swatch}) of the segmented cells on the segmented plane '
+            "(not downsampled: fields may be cropped, never shrunk).</p>"
+        )
+        figures = "".join(
+            f'<figure class="overlay"><img src="{_overlay_data_uri(image)}" alt="{_escape(caption)}">'
+            f"<figcaption>{_escape(caption)}</figcaption></figure>"
+            for caption, image in overlays
+        )
+        parts.append(f'<div class="gallery">{figures}</div>')
+    else:
+        parts.append("<p>No segmentation overlays.</p>")
+    if segmenter_evaluation is not None:
+        missing = [key for key, _ in _SEGMENTER_EVALUATION if key not in segmenter_evaluation]
+        if missing:
+            raise ValueError(f"the segmenter evaluation lacks key(s) {missing}")
+        rows = "".join(
+            f"<tr><th>{_escape(label)}</th>{_cell(segmenter_evaluation[key])}</tr>"
+            for key, label in _SEGMENTER_EVALUATION
+        )
+        parts.append(f"<h3>Segmenter fine-tuning</h3>\n<table>{rows}</table>")
     return "\n".join(parts)
 
 
@@ -676,16 +728,18 @@ def _reliability_diagram(
 
 def _crop_data_uri(crop: np.ndarray) -> str:
     """A 2-D crop as a contrast-stretched grey PNG data URI."""
-    image = np.asarray(crop, dtype=np.float64)
+    image = np.asarray(crop)
     if image.ndim != 2:
         raise ValueError(f"gallery crops must be 2-D arrays, got shape {image.shape}")
-    finite = image[np.isfinite(image)]
-    # Percentiles, not min/max, so that one bright pixel does not blacken the crop.
-    low, high = np.percentile(finite, [1.0, 99.5]) if finite.size else (0.0, 0.0)
-    scaled = np.clip((np.nan_to_num(image, nan=low) - low) / (high - low or 1.0), 0.0, 1.0)
-    buffer = io.BytesIO()
-    imsave(buffer, scaled, cmap="gray", vmin=0.0, vmax=1.0, format="png", metadata={"Software": None})
-    return _png_data_uri(buffer.getvalue())
+    return _png_data_uri(encode_png(contrast_stretch(image)))
+
+
+def _overlay_data_uri(image: np.ndarray) -> str:
+    """An RGB overlay as a PNG data URI."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"overlays must be (Y, X, 3) uint8 images, got {image.dtype} {image.shape}")
+    return _png_data_uri(encode_png(image))
 
 
 # ---------------------------------------------------------------- HTML helpers

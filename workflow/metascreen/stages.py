@@ -7,9 +7,11 @@ that looks complete; the small JSON manifests the rules track are written last.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,24 @@ PACKAGES = ("metascreen", "numpy", "dask", "zarr", "ome-zarr", "tifffile", "scik
 # Features of the logistic-regression baseline: all of measure's shape and intensity
 # features but the orientation, which says where a cell points, not what it is.
 BASELINE_FEATURES = tuple(name for name in measure.FEATURE_COLUMNS if name != "orientation")
+#: Columns of ``metascreen preview``'s table: a field, its segmentation summary
+#: (:func:`metascreen.overlay.segmentation_summary`) and the learned backend's diameter used.
+PREVIEW_COLUMNS = (
+    "plate",
+    "well",
+    "field",
+    "cells",
+    "median_area_px",
+    "median_diameter_px",
+    "covered_fraction",
+    "cell_diameter_px",
+)
+#: Overlays in a plate report: the first field of this many wells per sample, at most
+#: REPORT_MAX_OVERLAYS in all, each the central REPORT_OVERLAY_WINDOW px of its field at full
+#: resolution: a noisy 256 px overlay is ~120 kB of PNG, a whole 2048 px field ~8 MB.
+REPORT_OVERLAY_WELLS = 2
+REPORT_MAX_OVERLAYS = 24
+REPORT_OVERLAY_WINDOW = 256
 
 
 # ---------------------------------------------------------------- plan and ingest
@@ -49,14 +69,27 @@ def plan(
 
     Writes ``plan_path`` (JSON) and the plate's root metadata at ``zarr_path``.
     """
+    layout = _plate_layout(plate, images, settings, platemap.loc[platemap["plate"] == plate, "well"].tolist())
+    ngff.create_plate(zarr_path, plate, list(layout["wells"]), layout["n_fields"])
+    write_json(plan_path, layout)
+    return layout
+
+
+def _plate_layout(
+    plate: str, images: str | Path, settings: dict[str, Any], wells: list[str] | None
+) -> dict[str, Any]:
+    """The plan of a plate's files (:func:`metascreen.discover.plan_plate`), logged.
+
+    ``settings`` is the config's ``ingest`` section; ``wells`` those of the plate map, or
+    None for every well with images.
+    """
     pattern = discover.naming_pattern(settings["preset"], settings["pattern"])
     files, unmatched = discover.discover_files(images, pattern)
-    wells = platemap.loc[platemap["plate"] == plate, "well"].tolist()
     layout = discover.plan_plate(
         plate,
         files,
         unmatched,
-        wells,
+        sorted(files["well"].unique()) if wells is None else wells,
         unexpected_wells=settings["unexpected_wells"],
         bad_files=settings["bad_files"],
         pixel_size_um=settings["pixel_size_um"],
@@ -85,8 +118,6 @@ def plan(
         layout["pixel_size_source"],
         layout["n_files"],
     )
-    ngff.create_plate(zarr_path, plate, list(layout["wells"]), layout["n_fields"])
-    write_json(plan_path, layout)
     return layout
 
 
@@ -140,22 +171,41 @@ def _pixel_size_um(zarr_path: str | Path, well: str, field: int) -> float:
 def _backend_parameters(
     zarr_path: str | Path, well: str, settings: dict[str, Any], cell_diameter_path: str | Path | None
 ) -> dict[str, Any]:
+    """The chosen backend's keyword parameters for a well of the plate (see
+    :func:`_resolve_backend_parameters`): its pixel size, the plate's estimate for ``auto``."""
+
+    def plate_estimate() -> float:
+        if cell_diameter_path is None:
+            raise ConfigError("segment.learned.cell_diameter is auto but no plate estimate was given")
+        return read_json(cell_diameter_path)["cell_diameter"]
+
+    pixel_size_um = _pixel_size_um(zarr_path, well, ngff.field_indices(zarr_path, well)[0])
+    return _resolve_backend_parameters(settings, pixel_size_um, plate_estimate)
+
+
+def _resolve_backend_parameters(
+    settings: dict[str, Any], pixel_size_um: float, estimate_diameter: Callable[[], float]
+) -> dict[str, Any]:
     """The chosen backend's keyword parameters; for ``learned`` the cell diameter in px
-    from ``cell_diameter_um`` and the pixel size, the plate's estimate, or the number given."""
+    from ``cell_diameter_um`` and the pixel size, ``estimate_diameter()`` (called for
+    ``auto`` only), or the number given."""
     method = settings["method"]
     parameters = dict(settings[method])
     if method != "learned":
         return parameters
+    parameters.pop("finetune", None)  # train_segmenter's; its model arrives as ``weights``
     diameter_um = parameters.pop("cell_diameter_um")
     if diameter_um is not None:
-        parameters["cell_diameter"] = diameter_um / _pixel_size_um(
-            zarr_path, well, ngff.field_indices(zarr_path, well)[0]
-        )
+        parameters["cell_diameter"] = diameter_um / pixel_size_um
     elif parameters["cell_diameter"] == "auto":
-        if cell_diameter_path is None:
-            raise ConfigError("segment.learned.cell_diameter is auto but no plate estimate was given")
-        parameters["cell_diameter"] = read_json(cell_diameter_path)["cell_diameter"]
+        parameters["cell_diameter"] = estimate_diameter()
     return parameters
+
+
+def _tiff_plane(layout: dict[str, Any], field: dict[str, Any], channel: int) -> np.ndarray:
+    """The plane to segment of a planned field (an entry of the plan's ``wells``), from its TIFFs."""
+    image = ngff.read_field(field["files"], layout["shape"], layout["file_shape"], layout["dtype"])
+    return _segmentation_plane(image, channel)
 
 
 def estimate_cell_diameter(
@@ -187,8 +237,7 @@ def estimate_cell_diameter(
     sources, planes = [], []
     for well in picked:
         field = layout["wells"][well][0]
-        image = ngff.read_field(field["files"], layout["shape"], layout["file_shape"], layout["dtype"])
-        planes.append(_segmentation_plane(image, settings["channel"]))
+        planes.append(_tiff_plane(layout, field, settings["channel"]))
         sources.append([well, field["field"]])
     parameters = settings["learned"]
     estimate = learned.estimate_cell_diameter(
@@ -207,6 +256,69 @@ def estimate_cell_diameter(
     result = {"plate": plate, "fields": sources, **estimate}
     write_json(output_path, result)
     return result
+
+
+def train_segmenter(
+    annotation_sources: Sequence[str | Path],
+    settings: dict[str, Any],
+    model_path: str | Path,
+    evaluation_path: str | Path,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Fine-tune the learned segmenter on annotated fields (:mod:`metascreen.annotations`).
+
+    ``settings`` holds the segmented ``channel`` and the ``learned`` section (its
+    ``weights`` are the starting point, its ``device`` is used, its ``finetune`` the
+    steps, learning rate, validation fraction and seed). Writes the model (safetensors
+    + ``.json`` metadata: base weights and their hash, annotation files and their
+    digest, settings, evaluation, versions) and ``evaluation_path`` (AP@0.5 on the
+    held-out annotation before and after).
+    """
+    import torch
+
+    from metascreen import annotations, model
+    from metascreen.segment import learned, train
+    from metascreen.segment.network import save_network
+
+    torch.set_num_threads(threads)
+    parameters = settings["learned"]
+    options = parameters["finetune"]
+    annotated = annotations.read_annotations(annotation_sources, channel=settings["channel"])
+    log.info(
+        "fine-tuning on %d annotated field(s), %d cells",
+        len(annotated),
+        sum(int(a.labels.max()) for a in annotated),
+    )
+    base = parameters["weights"] or learned.SHIPPED_WEIGHTS
+    network, evaluation = train.finetune(
+        annotated,
+        weights=base,
+        settings=dataclasses.replace(
+            train.FINETUNE_SETTINGS,
+            steps=options["steps"],
+            learning_rate=options["learning_rate"],
+            seed=options["seed"],
+        ),
+        validation_fraction=options["validation_fraction"],
+        device=parameters["device"],
+    )
+    evaluation["fields"] = [a.name for a in annotated]
+    save_network(
+        network,
+        model_path,
+        {
+            "base_weights": str(base),
+            "base_weights_sha256": model.file_sha256(base),
+            "annotations": [str(source) for source in annotation_sources],
+            "annotations_sha256": annotations.annotations_digest(annotation_sources),
+            "finetune": options,
+            "evaluation": evaluation,
+            "train_diameter": learned.TRAIN_DIAMETER,
+            "versions": package_versions(PACKAGES),
+        },
+    )
+    write_json(evaluation_path, evaluation)
+    return evaluation
 
 
 def segment_well(
@@ -250,9 +362,151 @@ def segment_well(
             parameters.get("cell_diameter"),
         )
     manifest = {"well": well, "method": method, "cells_per_field": list(counts)}
-    if "cell_diameter" in parameters:
+    if method == "learned":
+        from metascreen.segment import learned
+
         manifest["cell_diameter"] = parameters["cell_diameter"]
+        manifest["weights"] = str(parameters["weights"] or learned.SHIPPED_WEIGHTS)
     write_json(manifest_path, manifest)
+
+
+def check_segmentation(
+    plate: str, manifest_paths: Sequence[str | Path], qc_settings: dict[str, Any], output_path: str | Path
+) -> None:
+    """Check a plate's segmentation (:func:`metascreen.aggregate.segmentation_check`) and write it.
+
+    ``qc_settings`` holds the config's ``qc.min_cells_per_well`` and
+    ``qc.max_low_cell_well_fraction``. A plate with too many low-cell wells stops here, with
+    a message naming the cause and the fix, before training and classification.
+    """
+    check = aggregate.segmentation_check(
+        [read_json(path) for path in manifest_paths],
+        plate,
+        min_cells_per_well=qc_settings["min_cells_per_well"],
+        max_low_cell_well_fraction=qc_settings["max_low_cell_well_fraction"],
+    )
+    failure = aggregate.segmentation_check_failure(check)
+    if failure:
+        raise ConfigError(failure)
+    log.info(
+        "%s: %d of %d wells with fewer than %d segmented cells; median %g cells per field",
+        plate,
+        len(check["low_cell_wells"]),
+        len(check["cells_per_well"]),
+        qc_settings["min_cells_per_well"],
+        check["median_cells_per_field"],
+    )
+    write_json(output_path, check)
+
+
+# ---------------------------------------------------------------- preview (before a run)
+def _current_finetuned_model(run_folder: str | Path, annotation_sources: Sequence[str | Path]) -> Path | None:
+    """The run folder's fine-tuned segmenter (``results/segmenter/model.safetensors``)
+    if it was fine-tuned on the annotations as they are now, else None."""
+    from metascreen import annotations
+
+    model_path = Path(run_folder) / "results" / "segmenter" / "model.safetensors"
+    if not model_path.is_file():
+        return None
+    trained_on = read_json(model_path.with_suffix(".json")).get("annotations_sha256")
+    return model_path if trained_on == annotations.annotations_digest(annotation_sources) else None
+
+
+def preview(
+    config: dict[str, Any],
+    out_dir: str | Path,
+    n_fields: int = 6,
+    seed: int = 0,
+    run_folder: str | Path | None = None,
+) -> pd.DataFrame:
+    """Segment a seeded sample of each plate's fields with the config's current settings.
+
+    For each plate of ``config`` (validated, its paths resolved) the files are planned as
+    :func:`plan` plans them, but nothing is written to a plate and every well with images
+    is sampled (the plate map may still be empty). ``n_fields`` fields spread over the
+    wells (:func:`metascreen.discover.sample_fields`, ``seed``) are read from their TIFFs
+    (the segmented channel's middle plane) and segmented as the workflow would segment
+    them (see :func:`_preview_plate`).
+
+    With ``segment.learned.finetune`` set, the fields are segmented with the model that
+    fine-tuning wrote in ``run_folder`` (the config's folder) if it was trained on the
+    annotations as they are now, and otherwise with the weights fine-tuning starts from.
+
+    Writes an outline overlay per field (:func:`metascreen.overlay.outline_overlay`,
+    ``{plate}_{well}_f{field}.png``) and ``preview.csv`` to ``out_dir``, and returns that
+    table: one row per field with the columns of :data:`PREVIEW_COLUMNS`.
+    """
+    finetune = config["segment"]["learned"]["finetune"]
+    if config["segment"]["method"] == "learned" and finetune is not None:
+        model = None if run_folder is None else _current_finetuned_model(run_folder, finetune["annotations"])
+        if model is None:
+            log.warning(
+                "not fine-tuned on the current annotations yet: previewing the weights it starts from"
+            )
+        else:
+            log.info("previewing the fine-tuned segmenter %s", model)
+            config = copy.deepcopy(config)
+            config["segment"]["learned"]["weights"] = str(model)
+    rows = [
+        row
+        for plate in sorted(config["plates"])
+        for row in _preview_plate(config, plate, out_dir, n_fields, seed)
+    ]
+    table = pd.DataFrame(rows, columns=list(PREVIEW_COLUMNS))
+    write_table(table, Path(out_dir) / "preview.csv")
+    return table
+
+
+def _preview_plate(
+    config: dict[str, Any], plate: str, out_dir: str | Path, n_fields: int, seed: int
+) -> list[dict[str, Any]]:
+    """Overlays and table rows of one plate's sampled fields (see :func:`preview`).
+
+    The ``segment`` settings apply as in :func:`segment_well`: for ``learned`` a diameter
+    in µm goes through the plate's pixel size, and ``auto`` is estimated from the sampled
+    fields (:func:`metascreen.segment.learned.estimate_cell_diameter`); where no assumed
+    scale finds cells there, the fields are shown without cells.
+    """
+    from metascreen import overlay
+
+    settings = config["segment"]
+    method = settings["method"]
+    layout = _plate_layout(plate, config["plates"][plate]["images"], config["ingest"], wells=None)
+    planned = {well: {field["field"]: field for field in fields} for well, fields in layout["wells"].items()}
+    picked = discover.sample_fields({well: list(fields) for well, fields in planned.items()}, n_fields, seed)
+    planes = [_tiff_plane(layout, planned[well][field], settings["channel"]) for well, field in picked]
+
+    def estimate_from_sample() -> float:
+        from metascreen.segment import learned
+
+        parameters = settings["learned"]
+        estimate = learned.estimate_cell_diameter(
+            planes, weights=parameters["weights"], device=parameters["device"]
+        )
+        return estimate["cell_diameter"]
+
+    parameters = _resolve_backend_parameters(settings, layout["pixel_size_um"], estimate_from_sample)
+    diameter = parameters.get("cell_diameter", float("nan"))  # only the learned backend has one
+    log.info("%s: %s segmentation of %d fields, cell diameter %.1f px", plate, method, len(picked), diameter)
+    rows = []
+    for (well, field), plane in zip(picked, planes, strict=True):
+        if method == "learned" and not np.isfinite(diameter):  # no assumed scale found cells here
+            labels = np.zeros(plane.shape, np.int32)
+        else:
+            labels = segmentation.segment(plane, method, **parameters)
+        png = Path(out_dir) / f"{plate}_{well}_f{field}.png"
+        png.parent.mkdir(parents=True, exist_ok=True)
+        png.write_bytes(overlay.encode_png(overlay.outline_overlay(plane, labels)))
+        rows.append(
+            {
+                "plate": plate,
+                "well": well,
+                "field": field,
+                **overlay.segmentation_summary(labels),
+                "cell_diameter_px": diameter,
+            }
+        )
+    return rows
 
 
 # ---------------------------------------------------------------- measurement and crops
@@ -343,22 +597,36 @@ def measure_well(
 # ---------------------------------------------------------------- training
 def _training_set(
     tables: Sequence[str | Path], crops: Sequence[str | Path], platemap: pd.DataFrame, classes: dict[str, str]
-) -> tuple[pd.DataFrame, list[np.ndarray]]:
-    """Cell tables (with ``label`` 0/1 and ``well_key``) and crops of the training wells."""
-    classes_of_wells = platemap.set_index(["plate", "well"])["train_class"]
-    frames, arrays = [], []
+) -> tuple[pd.DataFrame, list[np.ndarray], pd.DataFrame]:
+    """Cell tables (with ``target`` 0/1 and ``well_key``) and crops of the training wells with
+    cells, and the training wells left out (``well_key``, ``label``, ``reason``).
+
+    ``tables`` and ``crops`` are those of every training well of the plate map (as the train
+    rule gives them), so a training well without cells in them is one where none was segmented.
+    """
+    training_wells = platemap[platemap["train_class"] != ""]
+    label_of_well = pd.Series(
+        (training_wells["train_class"] == classes["positive"]).astype(int).to_numpy(),
+        index=(training_wells["plate"] + "/" + training_wells["well"]).to_numpy(),
+    )
+    frames, arrays, wells_with_cells = [], [], []
     for table_path, crops_path in zip(tables, crops, strict=True):
         cells = pd.read_parquet(table_path)
         if cells.empty:
             continue
-        plate, well = cells["plate"].iloc[0], cells["well"].iloc[0]
-        cells["well_key"] = f"{plate}/{well}"
-        cells["target"] = int(classes_of_wells[(plate, well)] == classes["positive"])
+        well_key = f"{cells['plate'].iloc[0]}/{cells['well'].iloc[0]}"
+        cells["well_key"] = well_key
+        cells["target"] = label_of_well[well_key]
         frames.append(cells)
         arrays.append(zarr.open_array(str(crops_path), mode="r")[...])
-    if not frames:
-        raise ValueError("no cells in the training wells: check the plate map's train_class column")
-    return pd.concat(frames, ignore_index=True), arrays
+        wells_with_cells.append(well_key)
+    lost = label_of_well.drop(index=wells_with_cells)
+    lost_wells = pd.DataFrame(
+        {"well_key": lost.index, "label": lost.to_numpy(), "reason": "no cells segmented"}
+    )
+    # Without any cells, split_wells names the lost wells of each class before the crops are needed.
+    cells = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["well_key", "target"])
+    return cells, arrays, lost_wells
 
 
 def train(
@@ -378,15 +646,21 @@ def train(
     from metascreen import model, training
 
     torch.set_num_threads(threads)
-    cells, arrays = _training_set(tables, crops, platemap, classes)
-    all_crops = np.concatenate(arrays)
+    cells, arrays, lost_wells = _training_set(tables, crops, platemap, classes)
+    if not lost_wells.empty:
+        log.warning("training wells without segmented cells, left out: %s", ", ".join(lost_wells["well_key"]))
     wells = cells.drop_duplicates("well_key")[["well_key", "target"]].rename(columns={"target": "label"})
-    split_of_well = training.split_wells(
-        wells,
-        seed=settings["seed"],
-        val_fraction=settings["val_fraction"],
-        test_fraction=settings["test_fraction"],
-    )
+    try:
+        split_of_well = training.split_wells(
+            wells,
+            seed=settings["seed"],
+            val_fraction=settings["val_fraction"],
+            test_fraction=settings["test_fraction"],
+            lost_wells=lost_wells,
+        )
+    except ValueError as error:  # too few usable wells of a class: the plate's problem, not a bug
+        raise ConfigError(str(error)) from error
+    all_crops = np.concatenate(arrays)
     split = cells["well_key"].map(split_of_well).to_numpy()
     targets = cells["target"].to_numpy()
 
@@ -660,14 +934,19 @@ def report_plate(
     plan_path: str | Path,
     model_path: str | Path,
     crops_dir: str | Path,
+    zarr_path: str | Path,
     config: dict[str, Any],
     output_path: str | Path,
     cell_diameter_path: str | Path | None = None,
+    segmenter_evaluation_path: str | Path | None = None,
 ) -> None:
     """Render the self-contained HTML report of one plate.
 
     The per-sample table is the one across all plates, restricted to this plate's samples;
-    ``cell_diameter_path`` is the plate's cell-diameter estimate, when there is one.
+    ``cell_diameter_path`` is the plate's cell-diameter estimate, when there is one;
+    ``segmenter_evaluation_path`` the segmenter's fine-tuning evaluation (JSON), when it
+    was fine-tuned. Segmentation overlays of a few fields are read from the plate at
+    ``zarr_path`` (:func:`_segmentation_overlays`).
     """
     from metascreen import model, report
 
@@ -676,17 +955,21 @@ def report_plate(
     per_well = pd.read_parquet(per_well_path)
     per_sample = pd.read_parquet(per_sample_path)
     layout = read_json(plan_path)
+    plate_wells = per_well[per_well["plate"] == plate]
+    segmenter_evaluation = None if segmenter_evaluation_path is None else read_json(segmenter_evaluation_path)
     provenance = {
         "metascreen": __version__,
         "model_sha256": model.file_sha256(model_path),
         "input_files": layout["n_files"],
-        "segmentation": _segmentation_provenance(config["segment"], cell_diameter_path),
+        "segmentation": _segmentation_provenance(
+            config["segment"], cell_diameter_path, segmenter_evaluation_path
+        ),
         "package_versions": package_versions(PACKAGES),
         "config": config,
     }
     html = report.render_plate_report(
         plate=plate,
-        per_well=per_well[per_well["plate"] == plate],
+        per_well=plate_wells,
         per_sample=per_sample[per_sample["sample"].isin(cells["Metadata_Sample"].unique())],
         cells=cells,
         fields=fields,
@@ -696,15 +979,46 @@ def report_plate(
         positive_class=config["classes"]["positive"],
         negative_class=config["classes"]["negative"],
         skipped_fields=pd.DataFrame(layout["skipped"], columns=["well", "field", "file", "reason"]),
+        overlays=_segmentation_overlays(zarr_path, plate_wells, config["segment"]["channel"]),
+        segmenter_evaluation=segmenter_evaluation,
     )
     with atomic_path(output_path) as partial:
         partial.write_text(html, encoding="utf-8")
 
 
+def _segmentation_overlays(
+    zarr_path: str | Path, wells: pd.DataFrame, channel: int
+) -> list[tuple[str, np.ndarray]]:
+    """Outline overlays of the first field of up to :data:`REPORT_OVERLAY_WELLS` wells per
+    sample (``wells``: rows with ``sample`` and ``well``), captioned sample / well / field /
+    cells, at most :data:`REPORT_MAX_OVERLAYS`; each the central
+    :data:`REPORT_OVERLAY_WINDOW` px of the segmented plane and its NGFF labels."""
+    from metascreen import overlay
+    from metascreen.segment.learned import central_window
+
+    by_sample = wells.sort_values(["sample", "well"]).groupby("sample")
+    picked = by_sample.head(REPORT_OVERLAY_WELLS).head(REPORT_MAX_OVERLAYS)
+    overlays = []
+    for sample, well in zip(picked["sample"], picked["well"], strict=True):
+        field = ngff.field_indices(zarr_path, well)[0]
+        plane = np.asarray(_segmentation_plane(ngff.field_image(zarr_path, well, field), channel))
+        labels = ngff.field_labels(zarr_path, well, field)
+        caption = f"{sample} / {well} / field {field} / {overlay.segmentation_summary(labels)['cells']} cells"
+        if max(plane.shape) > REPORT_OVERLAY_WINDOW:
+            caption += f" (central {REPORT_OVERLAY_WINDOW} px)"
+        shown = [central_window(array, REPORT_OVERLAY_WINDOW) for array in (plane, labels)]
+        overlays.append((caption, overlay.outline_overlay(*shown)))
+    return overlays
+
+
 def _segmentation_provenance(
-    settings: dict[str, Any], cell_diameter_path: str | Path | None
+    settings: dict[str, Any],
+    cell_diameter_path: str | Path | None,
+    segmenter_evaluation_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The segmentation method, and for ``learned`` its weights and the cell diameter used."""
+    """The segmentation method, and for ``learned`` its weights (the fine-tuned model
+    beside ``segmenter_evaluation_path``, as train_segmenter writes them, when given)
+    and the cell diameter used."""
     method = settings["method"]
     provenance: dict[str, Any] = {"method": method}
     if method != "learned":
@@ -713,6 +1027,9 @@ def _segmentation_provenance(
     from metascreen.segment import learned
 
     weights = settings["learned"]["weights"] or learned.SHIPPED_WEIGHTS
+    if segmenter_evaluation_path is not None:
+        provenance["fine_tuned_from"] = str(weights)
+        weights = Path(segmenter_evaluation_path).with_name("model.safetensors")
     provenance["weights"] = str(weights)
     provenance["weights_sha256"] = model.file_sha256(weights)
     if cell_diameter_path is not None:

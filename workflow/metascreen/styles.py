@@ -41,7 +41,16 @@ from skimage.segmentation import expand_labels, relabel_sequential
 
 from metascreen import synth
 
-__all__ = ["DEMO_STYLE", "STYLES", "STYLE_NAMES", "Style", "render_style_field", "style_rng", "write_world"]
+__all__ = [
+    "DEMO_STYLE",
+    "HELD_OUT_STYLES",
+    "STYLES",
+    "STYLE_NAMES",
+    "Style",
+    "render_style_field",
+    "style_rng",
+    "write_world",
+]
 
 
 @dataclass(frozen=True)
@@ -167,13 +176,35 @@ STYLES: dict[str, Style] = {
             dtype="uint8",
             description="out of focus: adherent cells in phase contrast blurred by 2-4 px",
         ),
+        Style(
+            "dic_round",
+            "dic",
+            "round",
+            (16.0, 30.0),
+            (0.1, 0.35),
+            dtype="uint8",
+            description="held out of pretraining: DIC relief shading of round cells, 8-bit",
+        ),
+        Style(
+            "brightfield_confluent",
+            "brightfield",
+            "spread",
+            (20.0, 40.0),
+            (0.7, 0.9),
+            confluent=True,
+            description="held out of pretraining: a confluent monolayer in defocused brightfield",
+        ),
     )
 }
 
 #: The demo plate's own look (:func:`metascreen.synth.render_field`) as one more style.
 DEMO_STYLE = "demo_plate"
-#: Every style name, :data:`STYLES` and :data:`DEMO_STYLE`.
-STYLE_NAMES: tuple[str, ...] = (*sorted(STYLES), DEMO_STYLE)
+#: Styles kept out of pretraining, so that adapting to an unseen look (fine-tuning on a few
+#: annotated fields) is measured on a look the shipped network has never seen.
+HELD_OUT_STYLES: tuple[str, ...] = ("dic_round", "brightfield_confluent")
+#: The styles the shipped network is pretrained on: :data:`STYLES` but the held-out ones,
+#: and :data:`DEMO_STYLE`.
+STYLE_NAMES: tuple[str, ...] = (*sorted(set(STYLES) - set(HELD_OUT_STYLES)), DEMO_STYLE)
 
 _MAX_CELLS = 4000
 # truth objects below this fraction of the area of the style's smallest cell are dropped
@@ -422,7 +453,7 @@ def render_style_field(
     rng : numpy.random.Generator
         Source of randomness; the same state gives the same field.
     style : Style or str
-        A :class:`Style` or a name in :data:`STYLE_NAMES`.
+        A :class:`Style`, a name in :data:`STYLES` or :data:`DEMO_STYLE`.
     shape : (int, int)
         Field size (rows, cols), each at least 64.
 
@@ -436,7 +467,7 @@ def render_style_field(
         return _render_demo_field(rng, shape)
     if isinstance(style, str):
         if style not in STYLES:
-            raise ValueError(f"unknown style {style!r}; available: {list(STYLE_NAMES)}")
+            raise ValueError(f"unknown style {style!r}; available: {[*sorted(STYLES), DEMO_STYLE]}")
         style = STYLES[style]
     if len(shape) != 2 or min(shape) < 64:
         raise ValueError(f"shape must be two integers >= 64, got {shape!r}")

@@ -53,6 +53,7 @@ def split_wells(
     seed: int,
     val_fraction: float = 0.25,
     test_fraction: float = 0.25,
+    lost_wells: pd.DataFrame | None = None,
 ) -> pd.Series:
     """Assign whole wells to train / val / test, stratified by class.
 
@@ -69,12 +70,22 @@ def split_wells(
         Seed of the shuffle; the same seed gives the same split.
     val_fraction, test_fraction : float
         Target fractions of each class's wells; each in (0, 1), sum < 1.
+    lost_wells : pandas.DataFrame, optional
+        Labelled wells that were left out before the split (columns ``well_key``,
+        ``label``, ``reason``, e.g. ``"no cells segmented"``); the error of a class with
+        too few wells names its lost wells and why.
 
     Returns
     -------
     pandas.Series
         ``"train"``, ``"val"`` or ``"test"`` indexed by ``well_key`` (input order),
         named ``"split"``.
+
+    Raises
+    ------
+    ValueError
+        If a column is missing, a well is duplicated, a label or fraction is out of
+        range, or a class has fewer than :data:`MIN_WELLS_PER_CLASS` wells.
     """
     missing = {"well_key", "label"} - set(wells.columns)
     if missing:
@@ -102,7 +113,8 @@ def split_wells(
         if n < MIN_WELLS_PER_CLASS:
             raise ValueError(
                 f"Class {label} has {n} well(s); splitting by well needs at least "
-                f"{MIN_WELLS_PER_CLASS} wells per class (one each for train, val and test). "
+                f"{MIN_WELLS_PER_CLASS} wells per class (one each for train, val and test)."
+                f"{_lost_wells_text(lost_wells, label)} "
                 "Add labelled wells of this class to the training configuration."
             )
         n_val = max(1, round(n * val_fraction))
@@ -116,6 +128,24 @@ def split_wells(
         split[keys[:n_val]] = "val"
         split[keys[n_val : n_val + n_test]] = "test"
     return split
+
+
+def _lost_wells_text(lost_wells: pd.DataFrame | None, label: int, wells_named: int = 10) -> str:
+    """The sentence of :func:`split_wells`'s error naming a class's lost wells and why ("" if none)."""
+    if lost_wells is None:
+        return ""
+    lost = lost_wells[lost_wells["label"] == label]
+    if lost.empty:
+        return ""
+    shown = lost.iloc[:wells_named]
+    named = ", ".join(shown["well_key"] + " (" + shown["reason"] + ")")
+    if len(lost) > wells_named:
+        named += f" and {len(lost) - wells_named} more"
+    return (
+        f" Left out of this class: {named}; to keep them, make segmentation find their cells (look at "
+        "the masks with `metascreen preview`, set segment.learned.cell_diameter or fine-tune with "
+        'segment.learned.finetune; README "Your own plate").'
+    )
 
 
 # ------------------------------------------------------------------------ augmentation

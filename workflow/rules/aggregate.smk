@@ -24,7 +24,7 @@ rule collect_plate:
         platemap=config["platemap"],
         platemap_rows=lambda wildcards: platemap_digest(wildcards.plate),
         positive=config["classes"]["positive"],
-        qc=settings_json("qc"),
+        qc=aggregation_qc_settings(),
     shell:
         "python -m metascreen collect --measurements {input.measurements} "
         "--predictions {input.predictions} --fields {input.fields} "
@@ -67,7 +67,7 @@ rule summarize:
     params:
         platemap=config["platemap"],
         platemap_rows=platemap_digest(),
-        qc=settings_json("qc"),
+        qc=aggregation_qc_settings(),
         settings=settings_json("aggregate"),
     shell:
         "python -m metascreen summarize --cells {input.cells} --fields {input.fields} "

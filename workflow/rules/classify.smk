@@ -3,6 +3,7 @@ rule classify_well:
         table="results/{plate}/measure/{well}.parquet",
         crops="results/{plate}/crops/{well}.zarr",
         model="results/model/model.safetensors",
+        segmentation_check=ancient("results/{plate}/segment/check.json"),
     output:
         "results/{plate}/classify/{well}.parquet",
     log:

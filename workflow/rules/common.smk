@@ -4,6 +4,7 @@ import json
 import shlex
 from pathlib import Path
 
+from metascreen import annotations
 from metascreen.config import (
     read_platemap,
     resolve_paths,
@@ -45,6 +46,7 @@ wildcard_constraints:
 
 localrules:
     plan_plate,
+    check_segmentation,
     collect_plate,
     summarize,
     report_plate,
@@ -82,22 +84,81 @@ def settings_json(section, drop=()):
     )
 
 
+SEGMENTER_MODEL = "results/segmenter/model.safetensors"
+
+
+def finetunes_segmenter():
+    """Whether the learned segmenter is fine-tuned on the user's annotations first."""
+    return (
+        config["segment"]["method"] == "learned"
+        and config["segment"]["learned"]["finetune"] is not None
+    )
+
+
+def learned_parameters():
+    """The learned backend's parameters as the segmentation jobs use them: with
+    fine-tuning, the fine-tuned model's weights (``finetune`` itself is the
+    train_segmenter job's, whose model file then triggers the reruns)."""
+    learned = dict(config["segment"]["learned"])
+    del learned["finetune"]
+    if finetunes_segmenter():
+        learned["weights"] = SEGMENTER_MODEL
+    return learned
+
+
 def segment_settings():
     """The segment section with only the chosen backend's parameters: changing another
     backend's parameters reruns nothing."""
     method = config["segment"]["method"]
-    settings = {key: config["segment"][key] for key in ("channel", "method", method)}
+    settings = {key: config["segment"][key] for key in ("channel", "method")}
+    settings[method] = (
+        learned_parameters() if method == "learned" else config["segment"][method]
+    )
     return json.dumps(settings, sort_keys=True)
 
 
 def diameter_estimate_settings():
     """What the cell-diameter estimate uses: the channel, the network's weights and device."""
-    learned = config["segment"]["learned"]
+    learned = learned_parameters()
     settings = {
         "channel": config["segment"]["channel"],
         "learned": {key: learned[key] for key in ("weights", "device")},
     }
     return json.dumps(settings, sort_keys=True)
+
+
+def segmenter_training_settings():
+    """What fine-tuning uses: the channel, the starting weights, the device and ``finetune``."""
+    learned = config["segment"]["learned"]
+    settings = {
+        "channel": config["segment"]["channel"],
+        "learned": {key: learned[key] for key in ("weights", "device", "finetune")},
+    }
+    return json.dumps(settings, sort_keys=True)
+
+
+def annotation_sources():
+    return config["segment"]["learned"]["finetune"]["annotations"]
+
+
+def annotation_tiffs():
+    """The TIFF files of the annotation folders (annotations inside a plate's OME-Zarr
+    are covered by the digest alone: they sit inside another rule's output)."""
+    return [
+        str(path)
+        for path in annotations.annotation_files(annotation_sources())
+        if path.suffix.lower() in (".tif", ".tiff")
+    ]
+
+
+def segmenter_inputs():
+    """The fine-tuned model, as a named input, when the segmenter is fine-tuned."""
+    return {"segmenter": SEGMENTER_MODEL} if finetunes_segmenter() else {}
+
+
+def diameter_estimate_inputs(wildcards):
+    """The plate's plan and, when fine-tuning, the fine-tuned model."""
+    return {"plan": f"results/{wildcards.plate}/plan.json", **segmenter_inputs()}
 
 
 def estimates_cell_diameter():
@@ -120,18 +181,47 @@ def cell_diameter_inputs(wildcards):
 
 
 def segment_inputs(wildcards):
-    """A well's ingest manifest and, when estimated, its plate's cell diameter."""
+    """A well's ingest manifest and, when estimated, its plate's cell diameter and,
+    when fine-tuning, the fine-tuned model."""
     return {
         "ingest": f"results/{wildcards.plate}/ingest/{wildcards.well}.json",
         **cell_diameter_inputs(wildcards),
+        **segmenter_inputs(),
     }
 
 
-def cell_diameter_flag(wildcards, input):
-    """``--cell-diameter FILE`` for a job that has the plate's estimate as an input."""
-    if "cell_diameter" in input.keys():
-        return f"--cell-diameter {input.cell_diameter}"
-    return ""
+def input_flag(name, flag):
+    """A params function: ``flag FILE`` for a job that has the optional input ``name``."""
+
+    def flag_for(wildcards, input):
+        return f"{flag} {input[name]}" if name in input.keys() else ""
+
+    return flag_for
+
+
+def segmenter_evaluation_inputs(wildcards):
+    """The fine-tuning evaluation, as a named input, when the segmenter is fine-tuned."""
+    if finetunes_segmenter():
+        return {"segmenter_evaluation": "results/segmenter/evaluation.json"}
+    return {}
+
+
+def segmentation_check_settings():
+    """The qc thresholds the plate's segmentation check uses."""
+    keys = ("min_cells_per_well", "max_low_cell_well_fraction")
+    return json.dumps({key: config["qc"][key] for key in keys}, sort_keys=True)
+
+
+def aggregation_qc_settings():
+    """The qc section without the segmentation check's own share of low-cell wells:
+    changing that reruns the check, not the tables."""
+    return settings_json("qc", drop=("max_low_cell_well_fraction",))
+
+
+def training_segmentation_checks():
+    """The segmentation check of every plate with training wells."""
+    plates = sorted({plate for plate, _ in training_wells()})
+    return expand("results/{plate}/segment/check.json", plate=plates)
 
 
 def zarr_path(wildcards):

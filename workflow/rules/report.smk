@@ -1,6 +1,7 @@
 rule report_plate:
     input:
         unpack(cell_diameter_inputs),
+        unpack(segmenter_evaluation_inputs),
         cells="results/{plate}/{plate}_cells.parquet",
         fields="results/{plate}/{plate}_fields.parquet",
         per_well="results/summary/per_well.parquet",
@@ -28,14 +29,18 @@ rule report_plate:
         runtime=20,
     params:
         crops_dir="results/{plate}/crops",
+        zarr=zarr_path,
         config=json.dumps(config, sort_keys=True),
-        cell_diameter=cell_diameter_flag,
+        cell_diameter=input_flag("cell_diameter", "--cell-diameter"),
+        segmenter_evaluation=input_flag(
+            "segmenter_evaluation", "--segmenter-evaluation"
+        ),
     shell:
         "python -m metascreen report --plate {wildcards.plate} --cells {input.cells} "
         "--fields {input.fields} --per-well {input.per_well} --per-sample {input.per_sample} "
         "--evaluation {input.evaluation} --plan {input.plan} --model {input.model} "
-        "--crops-dir {params.crops_dir} --config {params.config:q} {params.cell_diameter} "
-        "--output {output} 2> {log}"
+        "--crops-dir {params.crops_dir} --zarr {params.zarr} --config {params.config:q} "
+        "{params.cell_diameter} {params.segmenter_evaluation} --output {output} 2> {log}"
 
 
 rule report_index:

@@ -28,6 +28,7 @@ else:
         input:
             tables=[f"results/{p}/measure/{w}.parquet" for p, w in training_wells()],
             crops=[f"results/{p}/crops/{w}.zarr" for p, w in training_wells()],
+            segmentation_checks=ancient(training_segmentation_checks()),
         output:
             model="results/model/model.safetensors",
             metadata="results/model/model.json",

@@ -39,9 +39,11 @@ from metascreen.segment.tiling import normalize_percentile, predict_tiled
 __all__ = [
     "SHIPPED_WEIGHTS",
     "TRAIN_DIAMETER",
+    "central_window",
     "estimate_cell_diameter",
     "load_segmenter",
     "segment_learned",
+    "segment_with_network",
 ]
 
 #: Equivalent cell diameter (px) that fields are resized to before the network.
@@ -117,7 +119,7 @@ def segment_learned(
             return np.zeros(image.shape, np.int32)
     if isinstance(cell_diameter, str) or not cell_diameter > 0:
         raise ValueError(f"cell_diameter must be > 0 px, got {cell_diameter!r}")
-    return _segment_at(
+    return segment_with_network(
         network,
         target,
         image,
@@ -130,7 +132,7 @@ def segment_learned(
     )
 
 
-def _segment_at(
+def segment_with_network(
     network: UNet,
     device: torch.device,
     image: np.ndarray,
@@ -140,7 +142,10 @@ def _segment_at(
     tile_size: int = 1024,
     **thresholds: float,
 ) -> np.ndarray:
-    """Labels of ``image`` segmented at ``cell_diameter``; ``thresholds`` of :func:`recover_instances`."""
+    """Labels of ``image`` segmented by ``network`` (on ``device``; fused for inference,
+    :meth:`~metascreen.segment.network.UNet.fused`) at ``cell_diameter``, as
+    :func:`segment_learned` does with weights from a file; ``thresholds`` of
+    :func:`~metascreen.segment.instances.recover_instances`."""
     maps = predict_tiled(
         network,
         normalize_percentile(image),
@@ -152,7 +157,8 @@ def _segment_at(
     return recover_instances(*maps, min_area=min_area, **thresholds)
 
 
-def _central_window(image: np.ndarray, size: int) -> np.ndarray:
+def central_window(image: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size`` x ``size`` px of a 2-D array (all of it along a shorter side)."""
     top, left = (max((extent - size) // 2, 0) for extent in image.shape)
     return image[top : top + size, left : left + size]
 
@@ -179,11 +185,11 @@ def estimate_cell_diameter(
         median diameter.
     """
     network, _, target = load_segmenter(weights, device)
-    fields = [_central_window(check_image(image), window) for image in images]
+    fields = [central_window(check_image(image), window) for image in images]
     ladder, best, best_error = [], None, np.inf
     for assumed in _DIAMETER_LADDER:
         diameters = np.concatenate(
-            [equivalent_diameters(_segment_at(network, target, field, assumed)) for field in fields]
+            [equivalent_diameters(segment_with_network(network, target, field, assumed)) for field in fields]
         )
         found = float(np.median(diameters)) if diameters.size else float("nan")
         ladder.append({"assumed": assumed, "n_cells": int(diameters.size), "median_diameter": found})
