@@ -29,7 +29,6 @@ import torch
 from metascreen import styles
 from metascreen.annotations import check_annotation
 from metascreen.segment import learned, train
-from metascreen.segment.metrics import cells_centred_in, pooled_ap
 from metascreen.segment.network import UNet, load_network
 
 DSB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018_nuclei"
@@ -37,17 +36,6 @@ FIELD_SHAPE = (512, 512)
 TEST_FIELDS = 5
 THREADS = 2
 _TEST_SEED, _ANNOTATION_SEED = 30_000, 40_000  # seeds neither pretraining nor evaluation use
-
-
-def _ap(network: UNet, fields: list[tuple[np.ndarray, np.ndarray]]) -> float:
-    fused = network.fused()
-    device = torch.device("cpu")
-    return pooled_ap(
-        [
-            (labels, learned.segment_with_network(fused, device, image, train.median_diameter(labels)))
-            for image, labels in fields
-        ]
-    )
 
 
 def _fields(style: str, seed: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -69,9 +57,9 @@ def _style(style: str) -> dict[str, float]:
     seconds = time.perf_counter() - started
     two, _ = train.finetune(annotated, device="cpu")
     return {
-        "zero_shot_ap": _ap(shipped, test),
-        "ap_after_1_field": _ap(one, test),
-        "ap_after_2_fields": _ap(two, test),
+        "zero_shot_ap": train.network_ap(shipped, test),
+        "ap_after_1_field": train.network_ap(one, test),
+        "ap_after_2_fields": train.network_ap(two, test),
         "finetune_seconds_1_field": round(seconds, 1),
     }
 
@@ -82,12 +70,9 @@ def _dsb() -> dict[str, float]:
     image, truth = tifffile.imread(DSB / "img2d.tif"), tifffile.imread(DSB / "mask2d.tif")
     left = np.zeros(truth.shape, bool)
     left[:, : truth.shape[1] // 2] = True
-    diameter = train.median_diameter(truth)
-    device = torch.device("cpu")
 
     def right_half_ap(network: UNet) -> float:
-        predicted = learned.segment_with_network(network.fused(), device, image, diameter)
-        return pooled_ap([(cells_centred_in(truth, ~left), cells_centred_in(predicted, ~left))])
+        return train.network_ap(network, [(image, truth)], regions=[~left])
 
     shipped, _ = load_network(learned.SHIPPED_WEIGHTS, fuse=False)
     # the left half's labels only: the right half is not annotated

@@ -15,7 +15,7 @@ import yaml
 from metascreen import annotations, ngff, stages, styles
 from metascreen.config import validate_config
 from metascreen.segment import learned, train
-from metascreen.segment.metrics import cells_centred_in, pooled_ap
+from metascreen.segment.metrics import cells_centred_in
 from metascreen.segment.network import load_network
 
 from .small_plate import WELLS, planned_jobs, run, snakemake_command, write_config, write_plate
@@ -160,32 +160,15 @@ def held_out_style_fields():
     return annotated, [(image, labels) for _, image, labels in fields[1:]]
 
 
-def _ap(network, fields) -> float:
-    import torch
-
-    fused = network.fused()
-    return pooled_ap(
-        [
-            (
-                labels,
-                learned.segment_with_network(
-                    fused, torch.device("cpu"), image, train.median_diameter(labels)
-                ),
-            )
-            for image, labels in fields
-        ]
-    )
-
-
 @pytest.mark.slow
 def test_one_annotated_field_of_an_unseen_style_raises_ap_on_other_fields(held_out_style_fields):
     assert STYLE in styles.HELD_OUT_STYLES and STYLE not in styles.STYLE_NAMES
     annotated, others = held_out_style_fields
     shipped, _ = load_network(learned.SHIPPED_WEIGHTS, fuse=False)
-    before = _ap(shipped, others)
+    before = train.network_ap(shipped, others)
     settings = dataclasses.replace(train.FINETUNE_SETTINGS, steps=150)
     network, evaluation = train.finetune([annotated], settings=settings, device="cpu")
-    after = _ap(network, others)
+    after = train.network_ap(network, others)
     assert before < 0.7, before
     assert after > before + 0.1, (before, after)
     assert evaluation["ap50_after"] > evaluation["ap50_before"]

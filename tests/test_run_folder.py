@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -117,44 +118,29 @@ def test_run_wraps_the_documented_snakemake_command(tmp_path):
     ]
 
 
-@pytest.mark.slow
-def test_run_plans_the_workflow_in_the_run_folder_only(tmp_path):
-    run = filled_run_folder(tmp_path)
+def _planned(command: list[str], cwd: Path) -> tuple[dict[str, str], str]:
+    """Jobs per rule of a dry run (``--dry-run --quiet rules`` on 1 core) and its output."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "metascreen",
-            "run",
-            str(run),
-            "--dry-run",
-            "--quiet",
-            "rules",
-            "--cores",
-            "1",
-        ],
-        cwd=tmp_path,
+        [sys.executable, "-m", *command, "--dry-run", "--quiet", "rules", "--cores", "1"],
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     counts = dict(line.split() for line in result.stdout.splitlines() if len(line.split()) == 2)
+    return counts, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_run_plans_the_workflow_in_the_run_folder_only(tmp_path):
+    counts, output = _planned(["metascreen", "run", str(filled_run_folder(tmp_path))], tmp_path)
     assert counts["plan_plate"] == "1" and counts["ingest_well"] == "2"  # Exp1 only, not the demo plate
-    assert "config/config.yaml" not in result.stdout + result.stderr
+    assert "config/config.yaml" not in output
 
 
 def test_a_configfile_of_ones_own_is_not_merged_into_the_demo_config(tmp_path):
     run = filled_run_folder(tmp_path)
     # from the project folder, where the demo's config/config.yaml sits
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--configfile", str(run / "config.yaml"), "--dry-run"]
-        + ["--nolock", "--quiet", "rules", "--cores", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    counts = dict(line.split() for line in result.stdout.splitlines() if len(line.split()) == 2)
+    counts, _ = _planned(["snakemake", "--configfile", str(run / "config.yaml"), "--nolock"], ROOT)
     assert counts["plan_plate"] == "1"  # the run folder's plate Exp1, not also the demo plate

@@ -54,6 +54,7 @@ __all__ = [
     "evaluate_styles",
     "finetune",
     "median_diameter",
+    "network_ap",
     "pretrain",
     "render_training_fields",
     "train_network",
@@ -386,17 +387,24 @@ def pretrain(
     return metadata
 
 
-def _region_ap(
-    network: UNet, annotations: Sequence[Annotation], regions: Sequence[np.ndarray], device: torch.device
+def network_ap(
+    network: UNet,
+    fields: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    regions: Sequence[np.ndarray] | None = None,
+    device: torch.device | str = "cpu",
 ) -> float:
-    """AP@0.5 over the cells centred in ``regions``, each field segmented whole at the
-    median diameter of its annotated cells."""
+    """AP@0.5 of ``network`` (a training copy: it is fused here) on ``(image, labels)``
+    fields, each segmented whole at the median diameter of its true cells; with
+    ``regions`` (one boolean map per field), over the cells centred in them only."""
+    device = torch.device(device)
+    fused = network.fused().to(device)
     pairs = []
-    for annotation, region in zip(annotations, regions, strict=True):
-        predicted = learned.segment_with_network(
-            network, device, annotation.image, median_diameter(annotation.labels)
-        )
-        pairs.append((cells_centred_in(annotation.labels, region), cells_centred_in(predicted, region)))
+    for index, (image, labels) in enumerate(fields):
+        predicted = learned.segment_with_network(fused, device, image, median_diameter(labels))
+        if regions is not None:
+            labels, predicted = (cells_centred_in(part, regions[index]) for part in (labels, predicted))
+        pairs.append((labels, predicted))
     return pooled_ap(pairs)
 
 
@@ -441,7 +449,8 @@ def finetune(
     )
 
     def score(model: UNet) -> float | None:
-        return _region_ap(model.fused().to(target), annotations, held_out, target) if n_validation else None
+        fields = [(annotation.image, annotation.labels) for annotation in annotations]
+        return network_ap(model, fields, regions=held_out, device=target) if n_validation else None
 
     before = score(network)
     started = time.perf_counter()
