@@ -140,6 +140,20 @@ def test_weights_round_trip_and_bad_files(tmp_path):
         load_network(tmp_path / "missing.safetensors")
 
 
+def test_bfloat16_inference_gives_the_cells_of_float32(monkeypatch):
+    """CPUs with AMX units run the network in bfloat16 (twice as fast): the same cells."""
+    image, _ = styles.render_style_field(styles.style_rng(3, "phase_round", 0), "phase_round", (128, 128))
+    network, _, device = learned.load_segmenter(None, "cpu")
+    normalised = normalize_percentile(image)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    full = predict_tiled(network, normalised, factor=1.0, device=device)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    half = predict_tiled(network, normalised, factor=1.0, device=device)
+    assert 0 < np.abs(full - half).max() < 0.1 and np.abs(full - half).mean() < 0.01
+    cells = recover_instances(*full)
+    assert cells.max() > 3 and pooled_ap([(cells, recover_instances(*half))]) > 0.95
+
+
 def test_device_selection_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     learned.load_segmenter.cache_clear()

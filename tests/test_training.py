@@ -454,14 +454,18 @@ def test_dataset_sha256_is_sensitive_to_content_dtype_shape_and_order() -> None:
     assert dataset_sha256(y, x) != reference
 
 
-def test_cuda_uses_mixed_precision_cpu_does_not(monkeypatch) -> None:
-    from metascreen import training
+def test_cuda_uses_mixed_precision_cpu_only_where_asked_and_fast(monkeypatch) -> None:
+    from metascreen import model, training
 
-    assert training._autocast_dtype(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert model.autocast_dtype(torch.device("cpu")) is None  # the classifier: float32 on CPU
+    assert model.autocast_dtype(torch.device("cpu"), cpu=True) == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert model.autocast_dtype(torch.device("cpu"), cpu=True) is None  # emulated bf16: slower
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert training._autocast_dtype(torch.device("cuda")) == torch.bfloat16
+    assert model.autocast_dtype(torch.device("cuda")) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
-    assert training._autocast_dtype(torch.device("cuda:1")) == torch.float16
+    assert model.autocast_dtype(torch.device("cuda:1"), cpu=True) == torch.float16
     # Device "auto" follows CUDA availability; without CUDA, training runs on CPU in float32.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert training.select_device("auto") == torch.device("cpu")

@@ -33,6 +33,7 @@ from metascreen.versions import package_versions
 __all__ = [
     "CellCNN",
     "ModelMetadata",
+    "autocast_dtype",
     "file_sha256",
     "load_model",
     "runtime_versions",
@@ -320,6 +321,27 @@ def save_model(path: str | Path, model: CellCNN, metadata: ModelMetadata) -> str
     with atomic_path(path) as partial:
         partial.write_bytes(weights)
     return sha256
+
+
+def autocast_dtype(device: torch.device, *, cpu: bool = False) -> torch.dtype | None:
+    """The mixed-precision dtype a network runs in on ``device``, or None for float32.
+
+    CUDA: bfloat16 where supported, else float16. CPU, only where ``cpu`` is set: bfloat16
+    on processors with AMX matrix units, where oneDNN runs the segmentation U-Net about
+    twice as fast in bfloat16 as in float32 (training and inference, measured on 2 cores);
+    elsewhere bfloat16 is emulated and slower, so float32.
+    """
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if cpu and device.type == "cpu" and _cpu_has_amx():
+        return torch.bfloat16
+    return None
+
+
+def _cpu_has_amx() -> bool:
+    """Whether this processor has AMX bfloat16 matrix units (torch's own CPU probe)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
 
 
 def select_device(preference: str | torch.device = "auto") -> torch.device:

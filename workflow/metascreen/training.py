@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from metascreen.model import CellCNN, select_device
+from metascreen.model import CellCNN, autocast_dtype, select_device
 
 __all__ = [
     "LogisticBaseline",
@@ -226,13 +226,6 @@ def _deterministic_algorithms(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed-precision dtype on CUDA (bfloat16 where supported), ``None`` on CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def _class_weights(labels: np.ndarray) -> np.ndarray:
     """Per-sample weights ``n / (2 n_class)``: both classes weigh equally, mean 1."""
     counts = np.bincount(labels, minlength=2)
@@ -327,7 +320,9 @@ def train_classifier(
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}.")
     torch_device = select_device("auto" if device is None else device)
-    amp_dtype = _autocast_dtype(torch_device)
+    # float32 on CPU: the classifier is small, and its calibrated probabilities should not
+    # depend on whether the processor has bfloat16 units
+    amp_dtype = autocast_dtype(torch_device)
 
     devices = [torch_device.index or 0] if torch_device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), _deterministic_algorithms(True):
@@ -439,7 +434,7 @@ def predict_logits(
     else:
         torch_device = select_device(device)
         model.to(torch_device)
-    amp_dtype = _autocast_dtype(torch_device)
+    amp_dtype = autocast_dtype(torch_device)
     was_training = model.training
     if was_training:
         model.eval()

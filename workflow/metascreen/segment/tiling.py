@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from metascreen.model import autocast_dtype
+
 __all__ = ["normalize_percentile", "predict_tiled"]
 
 _MULTIPLE = 8  # the U-Net's total down-sampling (2**depth)
@@ -66,7 +68,8 @@ def predict_tiled(
         The field is resized by this factor (bilinear, antialiased when shrinking)
         before the network, and the outputs back to ``(Y, X)``.
     device : torch.device or str
-        Where the network runs; CUDA runs in float16 autocast.
+        Where the network runs, in the mixed precision of
+        :func:`metascreen.model.autocast_dtype` (CUDA, and CPUs with AMX: bfloat16).
     tile_size, margin : int
         Largest tile side (px, at the network's scale) and the overlap kept off each
         tile's border.
@@ -90,13 +93,13 @@ def predict_tiled(
     x = _reflect_pad(x, pad)
     origins = [(r * step_rows, c * step_cols) for r in range(n_rows) for c in range(n_cols)]
     out: torch.Tensor | None = None
-    use_amp = device.type == "cuda"
+    amp_dtype = autocast_dtype(device, cpu=True)
     for start in range(0, len(origins), batch_size):
         chunk = origins[start : start + batch_size]
         batch = torch.cat(
             [x[..., r : r + step_rows + 2 * margin, c : c + step_cols + 2 * margin] for r, c in chunk]
         ).to(device, memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = network(batch).float()
         if out is None:
             out = torch.empty((logits.shape[1], n_rows * step_rows, n_cols * step_cols), dtype=torch.float32)

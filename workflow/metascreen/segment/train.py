@@ -17,7 +17,8 @@
    :func:`~metascreen.segment.learned.segment_learned` at their true diameter.
 
 Deterministic for a seed on CPU (the same data, the same augmentation draws, torch's
-deterministic algorithms); on CUDA the network is trained in float16 autocast.
+deterministic algorithms). On CUDA, and on CPUs with AMX matrix units (twice as fast),
+the network is trained in bfloat16 autocast (:func:`metascreen.model.autocast_dtype`).
 
 :func:`finetune` adapts the trained network to a user's own annotated fields
 (:mod:`metascreen.annotations`) with the same augmentation and loss, the loss restricted to
@@ -41,7 +42,7 @@ from torch.nn import functional as F
 
 from metascreen import styles
 from metascreen.annotations import Annotation, validation_split
-from metascreen.model import runtime_versions, select_device
+from metascreen.model import autocast_dtype, runtime_versions, select_device
 from metascreen.segment import learned
 from metascreen.segment.instances import equivalent_diameters, training_targets
 from metascreen.segment.metrics import cells_centred_in, pooled_ap
@@ -70,14 +71,14 @@ _BOUNDARY_WEIGHT = 5.0
 class TrainingSettings:
     """Settings of :func:`train_network` (defaults: the shipped weights' run)."""
 
-    steps: int = 10_000
+    steps: int = 30_000
     batch_size: int = 8
     crop: int = 128
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     base_channels: int = 16
     depth: int = 3
-    fields_per_style: int = 24
+    fields_per_style: int = 48
     field_shape: tuple[int, int] = (256, 256)
     seed: int = 0
 
@@ -275,6 +276,7 @@ def train_network(
     rng = np.random.default_rng(settings.seed)
     pool = _Pool(fields, settings.crop, regions)
     network = (network or UNet(settings.base_channels, settings.depth)).to(target).train()
+    network = network.to(memory_format=torch.channels_last)  # ~20 % faster convolutions
     optimizer = torch.optim.AdamW(
         network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
@@ -283,7 +285,8 @@ def train_network(
         optimizer,
         lambda step: min((step + 1) / warmup, 0.5 * (1.0 + np.cos(np.pi * min(step / settings.steps, 1.0)))),
     )
-    scaler = torch.amp.GradScaler(enabled=target.type == "cuda")
+    amp_dtype = autocast_dtype(target, cpu=True)
+    scaler = torch.amp.GradScaler(target.type, enabled=amp_dtype == torch.float16)
     # deterministic kernels on CPU for this run only: the process's setting is restored
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic or target.type == "cpu")
@@ -294,8 +297,9 @@ def train_network(
             if rng.random() < 0.5:
                 x, y = _elastic(rng, x, y)
             x = _intensity(rng, x)
-            x, y = x.to(target, non_blocking=True), y.to(target, non_blocking=True)
-            with torch.autocast(device_type=target.type, dtype=torch.float16, enabled=target.type == "cuda"):
+            x = x.to(target, memory_format=torch.channels_last, non_blocking=True)
+            y = y.to(target, non_blocking=True)
+            with torch.autocast(device_type=target.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = network(x)
             loss = _loss(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
@@ -372,6 +376,7 @@ def pretrain(
         "train_diameter": learned.TRAIN_DIAMETER,
         "train_seconds": round(train_seconds, 1),
         "device": str(select_device(device)),
+        "mixed_precision": str(autocast_dtype(select_device(device), cpu=True) or "float32").split(".")[-1],
         "versions": runtime_versions(),
         "torch_threads": torch.get_num_threads(),
         "command": f"metascreen pretrain-segmenter --seed {settings.seed} --steps {settings.steps}"
