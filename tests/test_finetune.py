@@ -165,7 +165,7 @@ def test_one_annotated_field_of_an_unseen_style_raises_ap_on_other_fields(held_o
     annotated, others = held_out_style_fields
     shipped, _ = load_network(learned.SHIPPED_WEIGHTS, fuse=False)
     before = train.network_ap(shipped, others)
-    # the default 500 steps: measured 0.64 -> 0.75 on these fields, on CPU in float32 and bfloat16
+    # the default 500 steps: measured 0.64 -> 0.75 on these fields
     network, evaluation = train.finetune([annotated], device="cpu")
     after = train.network_ap(network, others)
     assert before < 0.7, before
