@@ -358,6 +358,7 @@ def pretrain(
     return the metadata (styles, seeds, data hash, settings, AP per held-out-seed style,
     versions, seconds)."""
     style_names = list(style_names or styles.STYLE_NAMES)
+    target = select_device(device)
     started = time.perf_counter()
     fields = render_training_fields(
         style_names, settings.fields_per_style, settings.field_shape, settings.seed
@@ -375,8 +376,8 @@ def pretrain(
         "settings": {**settings.__dict__, "field_shape": list(settings.field_shape)},
         "train_diameter": learned.TRAIN_DIAMETER,
         "train_seconds": round(train_seconds, 1),
-        "device": str(select_device(device)),
-        "mixed_precision": str(autocast_dtype(select_device(device), cpu=True) or "float32").split(".")[-1],
+        "device": str(target),
+        "mixed_precision": str(autocast_dtype(target, cpu=True) or torch.float32).removeprefix("torch."),
         "versions": runtime_versions(),
         "torch_threads": torch.get_num_threads(),
         "command": f"metascreen pretrain-segmenter --seed {settings.seed} --steps {settings.steps}"
