@@ -112,10 +112,11 @@ def test_tiled_prediction_equals_one_pass(shape: tuple[int, int]):
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
 
 
+@pytest.mark.parametrize("depth", [2, 4])
 @pytest.mark.parametrize("factor", [0.45, 1.0, 1.7])
-def test_prediction_comes_back_at_the_field_size(factor: float):
-    network = UNet(base=4, depth=2).eval()
-    out = predict_tiled(network, np.zeros((123, 97), np.float32), factor=factor, tile_size=64)
+def test_prediction_comes_back_at_the_field_size(factor: float, depth: int):
+    network = UNet(base=4, depth=depth).eval()  # depth 4: tiles and margins in multiples of 16
+    out = predict_tiled(network, np.zeros((123, 97), np.float32), factor=factor, tile_size=64, margin=20)
     assert out.shape == (3, 123, 97) and ((out >= 0) & (out <= 1)).all()
 
 
@@ -128,7 +129,7 @@ def test_weights_round_trip_and_bad_files(tmp_path):
     path = tmp_path / "w.safetensors"
     save_network(network, path, {"styles": ["a"]})
     loaded, metadata = load_network(path)
-    assert metadata == {"styles": ["a"], "architecture": {"base": 4, "depth": 2}}
+    assert metadata == {"styles": ["a"], "architecture": {"base": 4, "depth": 2, "max_factor": 4}}
     assert json.loads(path.with_suffix(".json").read_text()) == metadata
     x = torch.randn(1, 1, 32, 32)
     with torch.inference_mode():
@@ -241,6 +242,50 @@ def test_cell_diameter_estimate_follows_the_scale():
     assert len(small["ladder"]) == 9
     empty = learned.estimate_cell_diameter([np.full((128, 128), 100, np.uint16)], device="cpu")
     assert np.isnan(empty["cell_diameter"]) and empty["n_cells"] == 0
+
+
+def ladder_of(rows: list[tuple[float, int, float, float | None]]) -> list[dict]:
+    keys = ("assumed", "n_cells", "median_diameter", "agreement")
+    return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def test_the_estimate_is_the_crossing_where_the_same_cells_are_found():
+    # measured on a brightfield_round field zoomed twofold (true median diameter 47.7 px):
+    # pieces of cells cross the assumption near 20 px, the cells themselves near 48 px
+    ladder = ladder_of(
+        [
+            (10.0, 799, 16.6, 0.10),
+            (14.1, 225, 18.7, 0.21),
+            (20.0, 80, 19.6, 0.16),
+            (28.3, 26, 32.4, 0.63),
+            (40.0, 18, 45.7, 0.55),
+            (56.6, 13, 51.3, 0.92),
+            (80.0, 12, 56.1, 0.83),
+            (113.1, 10, 65.2, 0.19),
+            (160.0, 9, 109.2, None),
+        ]
+    )
+    diameter, n_cells = learned._stable_fixed_point(ladder)
+    assert diameter == pytest.approx(48.6, abs=0.5) and n_cells == 13
+    # too few cells at a step: that crossing does not count
+    ladder[5]["n_cells"] = 4
+    assert learned._stable_fixed_point(ladder)[0] == pytest.approx(19.8, abs=0.5)
+    # no crossing at all (cells smaller than every assumption): the closest step
+    shrunk = ladder_of([(10.0, 80, 7.7, 0.5), (14.1, 60, 8.6, 0.4), (20.0, 30, 10.1, None)])
+    assert learned._stable_fixed_point(shrunk) is None
+    assert learned._closest_to_assumption(shrunk) == (7.7, 80)
+
+
+@pytest.mark.parametrize("style", ["brightfield_round", "phase_spread", "phase_neurite"])
+def test_cell_diameter_estimate_is_right_where_blobs_of_cells_fooled_it(style: str):
+    # the shipped weights' evaluation fields, on which the old rule (the assumption whose cells
+    # come closest to it) estimated 146, 149 and 155 px against true 24, 35 and 13 px
+    fields = [(image, labels) for _, image, labels in render_training_fields([style], 4, (256, 256), 10_000)]
+    truth = float(np.median(np.concatenate([learned.equivalent_diameters(labels) for _, labels in fields])))
+    estimate = learned.estimate_cell_diameter([image for image, _ in fields], device="cpu")
+    assert estimate["cell_diameter"] == pytest.approx(truth, rel=0.15)
+    assert estimate["rule"] == "fixed point"
+    assert all(0.0 <= row["agreement"] <= 1.0 for row in estimate["ladder"][:-1])
 
 
 def test_stages_estimate_the_plate_diameter_and_segment_with_it(tmp_path):

@@ -253,6 +253,14 @@ def estimate_cell_diameter(
     log.info(
         "%s: cell diameter %.1f px, from %d cells", plate, estimate["cell_diameter"], estimate["n_cells"]
     )
+    if estimate["rule"] != "fixed point":
+        log.warning(
+            "%s: no assumed scale from 10 to 160 px was confirmed by the cells found (cells outside "
+            "that range?); %.1f px is where they came closest: check it in the report, or set "
+            "segment.learned.cell_diameter by hand",
+            plate,
+            estimate["cell_diameter"],
+        )
     result = {"plate": plate, "fields": sources, **estimate}
     write_json(output_path, result)
     return result

@@ -33,6 +33,7 @@ import torch
 from metascreen.model import select_device
 from metascreen.segment._common import check_image
 from metascreen.segment.instances import equivalent_diameters, recover_instances
+from metascreen.segment.metrics import pooled_ap
 from metascreen.segment.network import UNet, load_network
 from metascreen.segment.tiling import normalize_percentile, predict_tiled
 
@@ -170,33 +171,74 @@ def estimate_cell_diameter(
 
     Only the central ``window`` x ``window`` px of each field are used (the smallest
     assumed diameter upsamples them twofold). Each field is segmented assuming
-    diameters from 10 to 160 px (steps of sqrt 2). At each assumed diameter the
-    median equivalent diameter of the cells found, pooled over the fields, is
-    compared with the assumption: at the right scale the network sees cells of its
-    training size, so the best assumption is the one whose cells come closest to it
-    (in log ratio), with at least 5 cells. The estimate is the median diameter found
-    at that assumption.
+    diameters from 10 to 160 px (steps of sqrt 2); at each step the median equivalent
+    diameter of the cells found, pooled over the fields, is compared with the
+    assumption, and the cells with those of the next step (AP@0.5 between the two
+    segmentations: their *agreement*).
+
+    The estimate is a *stable fixed point*: an assumption that the cells confirm,
+    where they come out larger than assumed at one step and smaller at the next
+    (interpolated in log scale between the two). A field usually has several such
+    crossings, and the right one is where the network finds the same cells at both
+    steps: an assumption far too large shrinks a field until the network draws blobs
+    of its training size over groups of cells, one far too small cuts cells into
+    pieces of that size, and either may cross the assumption by chance, but the
+    groups and pieces change from one step to the next while real cells do not. So
+    the crossing of highest agreement wins. Both steps need at least 5 cells.
+    Without any crossing (cells beyond the ladder) the assumption whose cells come
+    closest to it is taken, and the median diameter found there is the estimate.
 
     Returns
     -------
     dict
         ``cell_diameter`` (px; NaN when no assumed scale found 5 cells), ``n_cells``
-        it rests on, and ``ladder``: per assumed diameter the cells found and their
-        median diameter.
+        it rests on, ``rule`` (``"fixed point"``, ``"closest"`` or None), and
+        ``ladder``: per assumed diameter the cells found, their median diameter and
+        their agreement with the next step (None at the last).
     """
     network, _, target = load_segmenter(weights, device)
     fields = [central_window(check_image(image), window) for image in images]
-    ladder, best, best_error = [], None, np.inf
+    ladder: list[dict[str, Any]] = []
+    previous: list[np.ndarray] = []
     for assumed in _DIAMETER_LADDER:
-        diameters = np.concatenate(
-            [equivalent_diameters(segment_with_network(network, target, field, assumed)) for field in fields]
-        )
+        segmented = [segment_with_network(network, target, field, assumed) for field in fields]
+        diameters = np.concatenate([equivalent_diameters(labels) for labels in segmented])
+        if ladder:
+            ladder[-1]["agreement"] = pooled_ap(list(zip(previous, segmented, strict=True)))
         found = float(np.median(diameters)) if diameters.size else float("nan")
-        ladder.append({"assumed": assumed, "n_cells": int(diameters.size), "median_diameter": found})
-        if diameters.size >= _MIN_CELLS_FOR_ESTIMATE:
-            error = abs(np.log(found / assumed))
-            if error < best_error:
-                best, best_error = (found, int(diameters.size)), error
-    if best is None:
-        return {"cell_diameter": float("nan"), "n_cells": 0, "ladder": ladder}
-    return {"cell_diameter": best[0], "n_cells": best[1], "ladder": ladder}
+        ladder.append(
+            {"assumed": assumed, "n_cells": int(diameters.size), "median_diameter": found, "agreement": None}
+        )
+        previous = segmented
+    for rule, choose in (("fixed point", _stable_fixed_point), ("closest", _closest_to_assumption)):
+        estimate = choose(ladder)
+        if estimate is not None:
+            return {"cell_diameter": estimate[0], "n_cells": estimate[1], "rule": rule, "ladder": ladder}
+    return {"cell_diameter": float("nan"), "n_cells": 0, "rule": None, "ladder": ladder}
+
+
+def _stable_fixed_point(ladder: list[dict[str, Any]]) -> tuple[float, int] | None:
+    """The diameter where the cells found cross the assumption from above to below at the
+    steps of highest agreement (:func:`estimate_cell_diameter`), and the cells it rests
+    on; None without such a crossing."""
+    best, best_agreement = None, -1.0
+    for low, high in zip(ladder, ladder[1:], strict=False):
+        if min(low["n_cells"], high["n_cells"]) < _MIN_CELLS_FOR_ESTIMATE:
+            continue
+        above = np.log(low["median_diameter"] / low["assumed"])
+        below = np.log(high["median_diameter"] / high["assumed"])
+        if above >= 0.0 > below and low["agreement"] > best_agreement:
+            step = np.log(high["assumed"] / low["assumed"])
+            crossing = float(low["assumed"] * np.exp(step * above / (above - below)))
+            best, best_agreement = (crossing, min(low["n_cells"], high["n_cells"])), low["agreement"]
+    return best
+
+
+def _closest_to_assumption(ladder: list[dict[str, Any]]) -> tuple[float, int] | None:
+    """The median diameter found at the assumption it comes closest to (in log ratio), and
+    its cells; None where no assumption found enough cells."""
+    usable = [row for row in ladder if row["n_cells"] >= _MIN_CELLS_FOR_ESTIMATE]
+    if not usable:
+        return None
+    row = min(usable, key=lambda row: abs(np.log(row["median_diameter"] / row["assumed"])))
+    return row["median_diameter"], row["n_cells"]

@@ -14,10 +14,9 @@ import torch
 from torch.nn import functional as F
 
 from metascreen.model import autocast_dtype
+from metascreen.segment.network import UNet
 
 __all__ = ["normalize_percentile", "predict_tiled"]
-
-_MULTIPLE = 8  # the U-Net's total down-sampling (2**depth)
 
 
 def normalize_percentile(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
@@ -38,16 +37,19 @@ def normalize_percentile(image: np.ndarray, low: float = 1.0, high: float = 99.0
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _tiles(size: int, tile: int, margin: int) -> tuple[int, int]:
-    """Number of tiles and the kept step along an axis of ``size`` px."""
-    n = max(1, math.ceil(size / max(tile - 2 * margin, _MULTIPLE)))
-    step = math.ceil(math.ceil(size / n) / _MULTIPLE) * _MULTIPLE
-    return n, step
+def _round_up(value: int, multiple: int) -> int:
+    return math.ceil(value / multiple) * multiple
+
+
+def _tiles(size: int, tile: int, margin: int, multiple: int) -> tuple[int, int]:
+    """Number of tiles and the kept step (a multiple of ``multiple``) along an axis of ``size`` px."""
+    n = max(1, math.ceil(size / max(tile - 2 * margin, multiple)))
+    return n, _round_up(math.ceil(size / n), multiple)
 
 
 @torch.inference_mode()
 def predict_tiled(
-    network: torch.nn.Module,
+    network: UNet,
     image: np.ndarray,
     *,
     factor: float = 1.0,
@@ -60,8 +62,9 @@ def predict_tiled(
 
     Parameters
     ----------
-    network : torch.nn.Module
-        Maps ``(N, 1, H, W)`` to ``(N, C, H, W)`` logits, ``H, W`` multiples of 8.
+    network : UNet
+        Maps ``(N, 1, H, W)`` to ``(N, C, H, W)`` logits, ``H, W`` multiples of
+        ``network.size_multiple``.
     image : (Y, X) float array
         A normalised field (:func:`normalize_percentile`).
     factor : float
@@ -72,7 +75,7 @@ def predict_tiled(
         :func:`metascreen.model.autocast_dtype` (CUDA, and CPUs with AMX: bfloat16).
     tile_size, margin : int
         Largest tile side (px, at the network's scale) and the overlap kept off each
-        tile's border.
+        tile's border (rounded up to a multiple of ``network.size_multiple``).
     batch_size : int
         Tiles per forward pass.
 
@@ -87,7 +90,9 @@ def predict_tiled(
     scaled = (max(round(height * factor), 1), max(round(width * factor), 1))
     if scaled != (height, width):
         x = F.interpolate(x, size=scaled, mode="bilinear", antialias=factor < 1.0, align_corners=False)
-    (n_rows, step_rows), (n_cols, step_cols) = (_tiles(s, tile_size, margin) for s in scaled)
+    multiple = network.size_multiple
+    margin = _round_up(margin, multiple)
+    (n_rows, step_rows), (n_cols, step_cols) = (_tiles(s, tile_size, margin, multiple) for s in scaled)
     padded_shape = (n_rows * step_rows + 2 * margin, n_cols * step_cols + 2 * margin)
     pad = (margin, padded_shape[1] - scaled[1] - margin, margin, padded_shape[0] - scaled[0] - margin)
     x = _reflect_pad(x, pad)
