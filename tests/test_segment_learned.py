@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -288,7 +289,7 @@ def test_cell_diameter_estimate_is_right_where_blobs_of_cells_fooled_it(style: s
     assert all(0.0 <= row["agreement"] <= 1.0 for row in estimate["ladder"][:-1])
 
 
-def test_stages_estimate_the_plate_diameter_and_segment_with_it(tmp_path):
+def test_stages_estimate_the_plate_diameter_and_segment_with_it(tmp_path, monkeypatch, caplog):
     images = tmp_path / "img"
     images.mkdir()
     truths = {}
@@ -337,6 +338,13 @@ def test_stages_estimate_the_plate_diameter_and_segment_with_it(tmp_path):
     )
     with pytest.raises(ConfigError, match="fewer than 5 cells at every scale.*cell_diameter"):
         stages.estimate_cell_diameter(tmp_path / "blank.json", settings["segment"], tmp_path / "none.json")
+    # an estimate that no scale confirmed is kept, with a warning saying what to check
+    unconfirmed = {"cell_diameter": 9.0, "n_cells": 50, "rule": "closest", "ladder": []}
+    monkeypatch.setattr(learned, "estimate_cell_diameter", lambda planes, **_: unconfirmed)
+    with caplog.at_level(logging.WARNING, logger="metascreen"):
+        estimate = stages.estimate_cell_diameter(plan, settings["segment"], tmp_path / "closest.json")
+    assert estimate["cell_diameter"] == 9.0
+    assert "no assumed scale from 10 to 160 px was confirmed" in caplog.text
 
 
 def test_report_provenance_names_the_weights_and_the_estimated_diameter(tmp_path):
@@ -345,9 +353,11 @@ def test_report_provenance_names_the_weights_and_the_estimated_diameter(tmp_path
     classical = {**learned_settings, "method": "label_free"}
     assert stages._segmentation_provenance(classical, None) == {"method": "label_free"}
     estimate = tmp_path / "cell_diameter.json"
-    estimate.write_text(
-        json.dumps({"cell_diameter": 23.46, "n_cells": 180, "fields": [["A01", 0], ["B02", 0]]})
-    )
+    found = {"cell_diameter": 23.46, "n_cells": 180, "fields": [["A01", 0], ["B02", 0]]}
+    estimate.write_text(json.dumps({**found, "rule": "closest"}))
+    provenance = stages._segmentation_provenance(learned_settings, estimate)
+    assert "180 cells in 2 fields; no scale from 10 to 160 px was confirmed" in provenance["cell_diameter_px"]
+    estimate.write_text(json.dumps({**found, "rule": "fixed point"}))
     provenance = stages._segmentation_provenance(learned_settings, estimate)
     assert provenance["cell_diameter_px"] == "23.5 (estimated from 180 cells in 2 fields)"
     assert provenance["weights"].endswith("learned.safetensors") and len(provenance["weights_sha256"]) == 64

@@ -1042,9 +1042,12 @@ def _segmentation_provenance(
     provenance["weights_sha256"] = model.file_sha256(weights)
     if cell_diameter_path is not None:
         estimate = read_json(cell_diameter_path)
+        # estimates written before the rule was recorded all came from the closest scale
+        unconfirmed = estimate.get("rule", "closest") != "fixed point"
         provenance["cell_diameter_px"] = (
             f"{estimate['cell_diameter']:.1f} (estimated from {estimate['n_cells']} cells "
-            f"in {len(estimate['fields'])} fields)"
+            f"in {len(estimate['fields'])} fields"
+            + ("; no scale from 10 to 160 px was confirmed by its cells: check it)" if unconfirmed else ")")
         )
     elif settings["learned"]["cell_diameter_um"] is not None:
         provenance["cell_diameter_um"] = settings["learned"]["cell_diameter_um"]
