@@ -44,7 +44,7 @@ def _block(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class UNet(nn.Module):
-    """U-Net: ``depth`` poolings, ``base`` channels doubling per level up to ``base * max_factor``.
+    """U-Net: ``depth`` poolings, ``base`` channels doubling per level (capped at 4x).
 
     Input ``(N, 1, H, W)`` with ``H`` and ``W`` multiples of ``2**depth``; output
     ``(N, 3, H, W)`` logits (:data:`OUTPUTS`). With ``base=16, depth=3`` it has ~0.3 M
@@ -53,10 +53,10 @@ class UNet(nn.Module):
     neighbours in view.
     """
 
-    def __init__(self, base: int = 16, depth: int = 3, max_factor: int = 4) -> None:
+    def __init__(self, base: int = 16, depth: int = 3) -> None:
         super().__init__()
-        self.config = {"base": base, "depth": depth, "max_factor": max_factor}
-        widths = [base * min(2**level, max_factor) for level in range(depth + 1)]
+        self.config = {"base": base, "depth": depth}
+        widths = [base * min(2**level, 4) for level in range(depth + 1)]
         self.encoders = nn.ModuleList(
             [_block(1 if level == 0 else widths[level - 1], widths[level]) for level in range(depth + 1)]
         )
