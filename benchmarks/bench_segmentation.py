@@ -93,13 +93,23 @@ def _dsb() -> dict[str, float]:
     }
 
 
-def _auto_diameter_by_style(seed: int) -> dict[str, dict[str, float]]:
-    ratios, scores = {}, {}
-    for name in styles.STYLE_NAMES:
-        fields = [
+Fields = dict[str, list[tuple[np.ndarray, np.ndarray]]]
+
+
+def _evaluation_fields(seed: int) -> Fields:
+    """Style name -> ``(image, labels)`` of its :data:`STYLE_FIELDS` fields of ``seed``."""
+    return {
+        name: [
             (image, labels)
             for _, image, labels in train.render_training_fields([name], STYLE_FIELDS, (256, 256), seed)
         ]
+        for name in styles.STYLE_NAMES
+    }
+
+
+def _auto_diameter_by_style(fields_of: Fields) -> dict[str, dict[str, float]]:
+    ratios, scores = {}, {}
+    for name, fields in fields_of.items():
         truth = np.median(np.concatenate([learned.equivalent_diameters(labels) for _, labels in fields]))
         estimate = learned.estimate_cell_diameter([image for image, _ in fields])["cell_diameter"]
         ratios[name] = float(estimate / truth)
@@ -109,14 +119,11 @@ def _auto_diameter_by_style(seed: int) -> dict[str, dict[str, float]]:
     return {"diameter_estimate_ratio_by_style": ratios, "ap50_by_style_auto": scores}
 
 
-def _label_free_by_style(seed: int) -> dict[str, float]:
-    scores = {}
-    for name in styles.STYLE_NAMES:
-        fields = train.render_training_fields([name], STYLE_FIELDS, (256, 256), seed)
-        scores[name] = segment.pooled_ap(
-            [(labels, segment.segment(image, "label_free")) for _, image, labels in fields]
-        )
-    return scores
+def _label_free_by_style(fields_of: Fields) -> dict[str, float]:
+    return {
+        name: segment.pooled_ap([(labels, segment.segment(image, "label_free")) for image, labels in fields])
+        for name, fields in fields_of.items()
+    }
 
 
 def _reduced_budget_run(
@@ -213,6 +220,7 @@ def _throughput() -> dict[str, float | str]:
 
 def run(workdir: Path) -> dict:
     metadata = learned.load_segmenter(None, "cpu")[1]
+    evaluation_fields = _evaluation_fields(metadata["eval_seed"])  # rendered once for both backends
     figures = {
         "default_method": segment.DEFAULT_METHOD,
         "ap50_synthetic": _synthetic_ap(out_of_focus=False),
@@ -224,8 +232,8 @@ def run(workdir: Path) -> dict:
             fields_per_style=STYLE_FIELDS,
             seed=metadata["data_seed"],
         ),
-        "ap50_by_style_label_free": _label_free_by_style(metadata["eval_seed"]),
-        **_auto_diameter_by_style(metadata["eval_seed"]),
+        "ap50_by_style_label_free": _label_free_by_style(evaluation_fields),
+        **_auto_diameter_by_style(evaluation_fields),
         **_throughput(),
     }
     if LOSO_STEPS > 0:
