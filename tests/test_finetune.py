@@ -160,17 +160,19 @@ def held_out_style_fields():
 
 
 @pytest.mark.slow
-def test_one_annotated_field_of_an_unseen_style_raises_ap_on_other_fields(held_out_style_fields):
+def test_fine_tuning_on_one_field_of_an_unseen_style_improves_its_held_out_cells(held_out_style_fields):
     assert STYLE in styles.HELD_OUT_STYLES and STYLE not in styles.STYLE_NAMES
     annotated, others = held_out_style_fields
     shipped, _ = load_network(learned.SHIPPED_WEIGHTS, fuse=False)
     before = train.network_ap(shipped, others)
-    # the default 500 steps: measured 0.64 -> 0.75 on these fields
+    # the default 500 steps, measured on these fields: the held-out strip of the annotated
+    # field 0.82 -> 0.91, the other fields 0.79 -> 0.79 (the shipped weights already
+    # generalise to this unseen style; the previous ones gained 0.64 -> 0.75 there)
     network, evaluation = train.finetune([annotated], device="cpu")
     after = train.network_ap(network, others)
-    assert before < 0.7, before
-    assert after > before + 0.08, (before, after)
-    assert evaluation["ap50_after"] > evaluation["ap50_before"]
+    assert before > 0.7, before
+    assert after > before - 0.03, (before, after)
+    assert evaluation["ap50_after"] > evaluation["ap50_before"] + 0.05
     assert evaluation["n_validation_cells"] > 5 and evaluation["n_annotated_fields"] == 1
 
 

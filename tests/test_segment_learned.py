@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
+from scipy import ndimage as ndi
 
 from metascreen import ngff, stages, styles, synth
 from metascreen.config import ConfigError, validate_config
@@ -144,7 +145,7 @@ def test_weights_round_trip_and_bad_files(tmp_path):
 
 def test_bfloat16_inference_gives_the_cells_of_float32(monkeypatch):
     """CPUs with AMX units run the network in bfloat16 (twice as fast): the same cells."""
-    image, _ = styles.render_style_field(styles.style_rng(3, "phase_round", 0), "phase_round", (128, 128))
+    image, _ = styles.render_style_field(styles.style_rng(3, "phase_round", 0), "phase_round", (256, 256))
     network, _, device = learned.load_segmenter(None, "cpu")
     normalised = normalize_percentile(image)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
@@ -198,6 +199,23 @@ def test_synthetic_world_is_reproducible_and_varied(tmp_path):
     assert image.shape == masks.shape == (96, 96) and masks.dtype == np.int32 and masks.max() > 0
     with pytest.raises(ValueError, match="unknown style"):
         styles.render_style_field(np.random.default_rng(0), "holography")
+
+
+@pytest.mark.parametrize("modality", ["brightfield", "phase"])
+def test_defocus_keeps_brightfield_cells_visible_and_blurs_phase_contrast(modality: str):
+    # unstained cells show in brightfield *because* of defocus; blurring the in-focus
+    # fringes instead (as the renderer once did) left 0.36-0.43 of their contrast
+    style = styles.STYLES[f"{modality}_round"]
+    _, labels = styles.render_style_field(styles.style_rng(0, style.name, 0), style.name, (128, 128))
+    path = styles._optical_path(np.random.default_rng(0), labels, style)
+    near_cells = ndi.binary_dilation(labels > 0, iterations=3)
+
+    def contrast(defocus: float) -> float:
+        relative = styles._image_formation(np.random.default_rng(1), path, style, defocus)
+        return float(np.sqrt(np.mean((relative[near_cells] - 1.0) ** 2)))
+
+    ratio = contrast(3.0) / contrast(0.0)
+    assert ratio > 0.8 if modality == "brightfield" else ratio < 0.9
 
 
 # ------------------------------------------------------------------ the shipped weights

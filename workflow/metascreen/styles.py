@@ -16,9 +16,10 @@ segmenter trained on one look fails on the next, so this module renders many: a
   and ``clumps`` (round cells packed in clusters);
 * **density**: from a few cells to a confluent monolayer (cells grown into the free
   space between them until they touch, ``confluent=True``);
-* **size** (equivalent diameter, px, 10-100), **defocus** blur, **noise**, uneven
-  **illumination** and vignetting, **debris** and the stored **dtype** (uint8, uint16
-  of 12 or 16 bits, float32).
+* **size** (equivalent diameter, px, 10-100), **defocus** (wider fringes in
+  brightfield, blur in phase contrast and DIC), **noise**, uneven **illumination** and
+  vignetting, **debris** and the stored **dtype** (uint8, uint16 of 12 or 16 bits,
+  float32).
 
 Every field comes with int32 instance labels (cells may touch, never overlap). Each
 field draws its own parameters from its style's ranges, so one style already spans a
@@ -66,7 +67,7 @@ class Style:
     diameter: tuple[float, float]  # equivalent cell diameter, px
     cover: tuple[float, float]  # target fraction of the field covered by cells
     confluent: bool = False  # grow cells into the gaps until they touch
-    defocus: tuple[float, float] = (0.0, 0.8)  # Gaussian blur sigma, px
+    defocus: tuple[float, float] = (0.0, 0.8)  # px: fringe widening (brightfield), blur sigma (phase, DIC)
     dtype: str = "uint16"  # "uint8", "uint16" (12-bit), "uint16_full" or "float32"
     photons: tuple[float, float] = (300.0, 3000.0)  # background photons per pixel
     debris: float = 1.0  # scales the expected amount of debris
@@ -164,7 +165,7 @@ STYLES: dict[str, Style] = {
             (18.0, 34.0),
             (0.05, 0.3),
             defocus=(2.0, 4.0),
-            description="out of focus: round cells blurred by 2-4 px",
+            description="out of focus by 2-4 px: round cells with wide, soft fringes",
         ),
         Style(
             "phase_spread_defocus",
@@ -395,20 +396,27 @@ def _debris(rng: np.random.Generator, shape: tuple[int, int], amount: float) -> 
 # --------------------------------------------------------------------------- optics
 
 
-def _image_formation(rng: np.random.Generator, path: np.ndarray, style: Style) -> np.ndarray:
-    """Relative intensity (1 = background) of the optical path under the style's optics."""
-    scale = float(np.mean(style.diameter))
+def _image_formation(rng: np.random.Generator, path: np.ndarray, style: Style, defocus: float) -> np.ndarray:
+    """Relative intensity (1 = background) of the optical path under the style's optics,
+    ``defocus`` px out of focus.
+
+    Out of focus, brightfield fringes widen (the Laplacian is taken at the focus scale
+    and the defocus combined) but keep their contrast, as the transport-of-intensity
+    equation has it: defocusing is what makes unstained cells visible in brightfield.
+    Blurring the in-focus fringes instead would wash them out below the shot noise. Phase
+    contrast and DIC images are blurred.
+    """
+    if style.modality == "brightfield":
+        sigma = float(np.hypot(rng.uniform(1.0, 2.5), defocus))
+        fringes = -ndi.gaussian_laplace(path, sigma) * sigma**2
+        sign = 1.0 if rng.random() < 0.5 else -1.0  # over- or under-focus: rim dark or bright
+        absorption = rng.uniform(0.0, 0.06) * (ndi.gaussian_filter(path, defocus) if defocus else path)
+        return (1.0 + sign * rng.uniform(0.15, 0.5) * fringes - absorption).astype(np.float32)
     if style.modality == "phase":
-        halo = rng.uniform(0.15, 0.45) * scale  # wider annulus -> wider halo, more shade-off
+        halo = rng.uniform(0.15, 0.45) * float(np.mean(style.diameter))  # wider annulus: wider halo
         contrast = path - ndi.gaussian_filter(path, halo)
         sign = -1.0 if rng.random() < 0.85 else 1.0  # positive phase contrast (dark cells) mostly
         relative = 1.0 + sign * rng.uniform(0.15, 0.45) * contrast
-    elif style.modality == "brightfield":
-        sigma = rng.uniform(1.0, 2.5)
-        fringes = -ndi.gaussian_laplace(path, sigma) * sigma**2
-        sign = 1.0 if rng.random() < 0.5 else -1.0  # over- or under-focus: rim dark or bright
-        absorption = rng.uniform(0.0, 0.06) * path
-        relative = 1.0 + sign * rng.uniform(0.15, 0.5) * fringes - absorption
     elif style.modality == "dic":
         angle = rng.uniform(0.0, 2.0 * np.pi)
         smooth = ndi.gaussian_filter(path, rng.uniform(0.8, 1.5))
@@ -416,7 +424,7 @@ def _image_formation(rng: np.random.Generator, path: np.ndarray, style: Style) -
         relative = 1.0 + rng.uniform(0.04, 0.12) * shear
     else:
         raise ValueError(f"unknown modality {style.modality!r}")
-    return relative.astype(np.float32)
+    return (ndi.gaussian_filter(relative, defocus) if defocus else relative).astype(np.float32)
 
 
 def _illumination(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
@@ -475,10 +483,8 @@ def render_style_field(
     labels = _place_cells(rng, shape, style, margin)
     path = _optical_path(rng, labels, style)
     path += _debris(rng, path.shape, style.debris)
-    relative = _image_formation(rng, path, style)
     defocus = rng.uniform(*style.defocus)
-    if defocus > 0.3:
-        relative = ndi.gaussian_filter(relative, defocus)
+    relative = _image_formation(rng, path, style, defocus if defocus > 0.3 else 0.0)
     inner = (slice(margin, margin + shape[0]), slice(margin, margin + shape[1]))
     signal = rng.uniform(*style.photons) * _illumination(rng, shape) * np.clip(relative[inner], 0.02, None)
     image = _to_dtype(rng, signal, style.dtype)
