@@ -410,7 +410,7 @@ def _image_formation(rng: np.random.Generator, path: np.ndarray, style: Style, d
         sigma = float(np.hypot(rng.uniform(1.0, 2.5), defocus))
         fringes = -ndi.gaussian_laplace(path, sigma) * sigma**2
         sign = 1.0 if rng.random() < 0.5 else -1.0  # over- or under-focus: rim dark or bright
-        absorption = rng.uniform(0.0, 0.06) * (ndi.gaussian_filter(path, defocus) if defocus else path)
+        absorption = rng.uniform(0.0, 0.06) * ndi.gaussian_filter(path, defocus)  # sigma 0: unchanged
         return (1.0 + sign * rng.uniform(0.15, 0.5) * fringes - absorption).astype(np.float32)
     if style.modality == "phase":
         halo = rng.uniform(0.15, 0.45) * float(np.mean(style.diameter))  # wider annulus: wider halo
@@ -424,7 +424,7 @@ def _image_formation(rng: np.random.Generator, path: np.ndarray, style: Style, d
         relative = 1.0 + rng.uniform(0.04, 0.12) * shear
     else:
         raise ValueError(f"unknown modality {style.modality!r}")
-    return (ndi.gaussian_filter(relative, defocus) if defocus else relative).astype(np.float32)
+    return ndi.gaussian_filter(relative, defocus).astype(np.float32)
 
 
 def _illumination(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
