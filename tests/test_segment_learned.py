@@ -11,6 +11,7 @@ import pytest
 import tifffile
 import torch
 from scipy import ndimage as ndi
+from skimage.segmentation import expand_labels
 
 from metascreen import ngff, stages, styles, synth
 from metascreen.config import ConfigError, validate_config
@@ -216,6 +217,29 @@ def test_defocus_keeps_brightfield_cells_visible_and_blurs_phase_contrast(modali
 
     ratio = contrast(3.0) / contrast(0.0)
     assert ratio > 0.8 if modality == "brightfield" else ratio < 0.9
+
+
+@pytest.mark.parametrize("style", ["brightfield_round", "brightfield_clumps"])
+def test_faint_fields_are_exposed_until_their_cells_stand_out_of_the_noise(style: str):
+    # faint fringes drawn with few photons once rendered cells no one could see or annotate:
+    # the mean square of their pixels' deviation was 1.1-1.3 times the background's
+    for index in range(16):
+        image, labels = styles.render_style_field(styles.style_rng(5, style, index), style, (256, 256))
+        image = image.astype(np.float64)
+        deviation = image / ndi.gaussian_filter(image, 15) - 1.0  # illumination divided out
+        near = expand_labels(labels, 2) > 0
+        far = ~ndi.binary_dilation(labels > 0, iterations=8)
+        assert np.mean(deviation[near] ** 2) > 1.8 * np.mean(deviation[far] ** 2), index
+
+
+@pytest.mark.parametrize("style", ["phase_spread", "dic_spread", "brightfield_small"])
+def test_fields_are_as_densely_covered_as_their_style_asks(style: str):
+    # cover once counted the margin around the field (room for cells cut by its border) as
+    # part of it, and spread styles came out about twice as dense as asked (dic_spread 0.45-0.68)
+    low, high = styles.STYLES[style].cover
+    for index in range(8):
+        _, labels = styles.render_style_field(styles.style_rng(5, style, index), style, (256, 256))
+        assert low - 0.03 <= (labels > 0).mean() <= high + 0.05, index
 
 
 # ------------------------------------------------------------------ the shipped weights
