@@ -235,7 +235,7 @@ def test_faint_fields_are_exposed_until_their_cells_stand_out_of_the_noise(style
 @pytest.mark.parametrize("style", ["phase_spread", "dic_spread", "brightfield_small"])
 def test_fields_are_as_densely_covered_as_their_style_asks(style: str):
     # cover once counted the margin around the field (room for cells cut by its border) as
-    # part of it, and spread styles came out about twice as dense as asked (dic_spread 0.45-0.68)
+    # part of it, and spread styles came out about twice as dense as asked (dic_spread up to 0.68)
     low, high = styles.STYLES[style].cover
     for index in range(8):
         _, labels = styles.render_style_field(styles.style_rng(5, style, index), style, (256, 256))
