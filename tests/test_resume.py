@@ -118,9 +118,12 @@ def _resume_command(workdir: Path) -> list[str]:
     return snakemake_command(workdir)
 
 
-def _run_until_killed(workdir: Path, rule: str, n_started: int, delay_s: float) -> None:
+def _run_until_killed(
+    workdir: Path, rule: str, n_started: int, delay_s: float, next_rule: str | None
+) -> None:
     """Resume the run; once n_started jobs of the rule have started and delay_s more has passed,
-    SIGKILL Snakemake and every job it started (one process group)."""
+    or sooner when a job of next_rule starts (so that the next stage keeps work for its own kill
+    on a fast machine), SIGKILL Snakemake and every job it started (one process group)."""
     since_ns = time.time_ns()
     process = subprocess.Popen(
         _resume_command(workdir),
@@ -133,7 +136,11 @@ def _run_until_killed(workdir: Path, rule: str, n_started: int, delay_s: float) 
         while _log_starts(workdir, rule, since_ns) < n_started:
             assert process.poll() is None, f"the run ended before {n_started} {rule} job(s) started"
             time.sleep(0.05)
-        time.sleep(delay_s)
+        deadline = time.monotonic() + delay_s
+        while time.monotonic() < deadline:
+            if next_rule and _log_starts(workdir, next_rule, since_ns):
+                break
+            time.sleep(0.05)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
@@ -145,12 +152,13 @@ def test_runs_killed_in_every_stage_resume_to_the_uninterrupted_tables(plates, u
     write_config(tmp_path, plates)
     rng = random.Random(KILL_SEED)
     kills, finished_before_a_kill = [], {}
-    for stage, rule in KILL_STAGES:
+    next_rules = [rule for _, rule in KILL_STAGES[1:]] + [None]
+    for (stage, rule), next_rule in zip(KILL_STAGES, next_rules, strict=True):
         pending = planned_jobs(tmp_path).get(rule, 0)
-        if not pending:  # the stage finished before the previous kill landed (a fast machine)
+        if not pending:  # the stage finished before the previous kill landed
             continue
         n_started, delay_s = rng.randint(1, pending), rng.uniform(0.0, 2.0)
-        _run_until_killed(tmp_path, rule, n_started, delay_s)
+        _run_until_killed(tmp_path, rule, n_started, delay_s, next_rule)
         kills.append((stage, n_started, round(delay_s, 2)))
         for path, mtime_ns in _finished_per_well_outputs(tmp_path).items():
             finished_before_a_kill.setdefault(path, mtime_ns)

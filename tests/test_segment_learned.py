@@ -13,7 +13,7 @@ import torch
 from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels
 
-from metascreen import ngff, stages, styles, synth
+from metascreen import model, ngff, stages, styles, synth
 from metascreen.config import ConfigError, validate_config
 from metascreen.segment import learned, match_instances, pooled_ap, segment
 from metascreen.segment.instances import recover_instances, training_targets
@@ -145,13 +145,13 @@ def test_weights_round_trip_and_bad_files(tmp_path):
 
 
 def test_bfloat16_inference_gives_the_cells_of_float32(monkeypatch):
-    """CPUs with AMX units run the network in bfloat16 (twice as fast): the same cells."""
+    """CPUs with native bfloat16 units run the network in bfloat16 (twice as fast): the same cells."""
     image, _ = styles.render_style_field(styles.style_rng(3, "phase_round", 0), "phase_round", (256, 256))
     network, _, device = learned.load_segmenter(None, "cpu")
     normalised = normalize_percentile(image)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(model, "_cpu_has_native_bfloat16", lambda: False)
     full = predict_tiled(network, normalised, factor=1.0, device=device)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(model, "_cpu_has_native_bfloat16", lambda: True)
     half = predict_tiled(network, normalised, factor=1.0, device=device)
     assert 0 < np.abs(full - half).max() < 0.1 and np.abs(full - half).mean() < 0.01
     cells = recover_instances(*full)

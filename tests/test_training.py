@@ -457,10 +457,12 @@ def test_dataset_sha256_is_sensitive_to_content_dtype_shape_and_order() -> None:
 def test_cuda_uses_mixed_precision_cpu_only_where_asked_and_fast(monkeypatch) -> None:
     from metascreen import model, training
 
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert model.autocast_dtype(torch.device("cpu")) is None  # the classifier: float32 on CPU
-    assert model.autocast_dtype(torch.device("cpu"), cpu=True) == torch.bfloat16
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    for amx, avx512_bf16 in ((True, False), (False, True)):  # either native bfloat16 unit
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda bf16=avx512_bf16: bf16)
+        assert model.autocast_dtype(torch.device("cpu")) is None  # the classifier: float32 on CPU
+        assert model.autocast_dtype(torch.device("cpu"), cpu=True) == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert model.autocast_dtype(torch.device("cpu"), cpu=True) is None  # emulated bf16: slower
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     assert model.autocast_dtype(torch.device("cuda")) == torch.bfloat16

@@ -72,7 +72,7 @@ def predict_tiled(
         before the network, and the outputs back to ``(Y, X)``.
     device : torch.device or str
         Where the network runs, in the mixed precision of
-        :func:`metascreen.model.autocast_dtype` (CUDA, and CPUs with AMX: bfloat16).
+        :func:`metascreen.model.autocast_dtype` (CUDA, and CPUs with native bfloat16).
     tile_size, margin : int
         Largest tile side (px, at the network's scale) and the overlap kept off each
         tile's border (rounded up to a multiple of ``network.size_multiple``).

@@ -17,8 +17,9 @@
    :func:`~metascreen.segment.learned.segment_learned` at their true diameter.
 
 Deterministic for a seed on CPU (the same data, the same augmentation draws, torch's
-deterministic algorithms). On CUDA, and on CPUs with AMX matrix units (twice as fast),
-the network is trained in bfloat16 autocast (:func:`metascreen.model.autocast_dtype`).
+deterministic algorithms). On CUDA, and on CPUs with native bfloat16 arithmetic (AMX or
+AVX512-BF16: about twice as fast), the network is trained in bfloat16 autocast
+(:func:`metascreen.model.autocast_dtype`).
 
 :func:`finetune` adapts the trained network to a user's own annotated fields
 (:mod:`metascreen.annotations`) with the same augmentation and loss, the loss restricted to
