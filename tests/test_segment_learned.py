@@ -110,9 +110,10 @@ def test_tiled_prediction_equals_one_pass(shape: tuple[int, int]):
     network = UNet(base=4, depth=1).eval()  # receptive field ~20 px, inside the 32 px margin
     image = np.random.default_rng(1).random(shape).astype(np.float32)
     whole = predict_tiled(network, image, tile_size=2048)
-    tiled = predict_tiled(network, image, tile_size=96, margin=32, batch_size=3)
     assert whole.shape == (3, *shape)
-    np.testing.assert_allclose(tiled, whole, atol=1e-5)
+    for batch_size in (3, None):  # None: one tile per pass on CPU
+        tiled = predict_tiled(network, image, tile_size=96, margin=32, batch_size=batch_size)
+        np.testing.assert_allclose(tiled, whole, atol=1e-5)
 
 
 @pytest.mark.parametrize("depth", [2, 4])

@@ -99,8 +99,8 @@ def segment_learned(
         Objects smaller than this fraction of the area of a cell of ``cell_diameter``
         are dropped (debris, fragments). Default 0.1.
     tile_size : int
-        Largest tile side (px, at the network's scale); bigger tiles are faster and
-        use more memory. Default 1024.
+        Largest tile side (px, at the network's scale); bigger tiles repeat less of
+        their overlap and use more memory. Default 1024.
     device : str
         ``auto`` (CUDA when available), ``cpu`` or ``cuda[:n]``.
     weights : str or None

