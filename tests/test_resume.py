@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -32,7 +35,7 @@ PLATES = {
     "p1": (11, ["A01", "B05", "C03", "A04", "B02", "C01", "A03"]),
     "p2": (12, ["D04", "D05", "B04"]),
 }
-# (stage, the rule whose jobs' logs mark its progress): one kill in each, in this order.
+# (stage, its rule): a kill in each while a job of the rule runs.
 KILL_STAGES = [
     ("ingest", "ingest_well"),
     ("segment", "segment_well"),
@@ -41,14 +44,9 @@ KILL_STAGES = [
     ("classify", "classify_well"),
     ("aggregate", "collect_plate"),
 ]
-LOGS = {
-    "ingest_well": "results/logs/*/ingest/*.log",
-    "segment_well": "results/logs/*/segment/*.log",
-    "measure_well": "results/logs/*/measure/*.log",
-    "train": "results/logs/model/train.log",
-    "classify_well": "results/logs/*/classify/*.log",
-    "collect_plate": "results/logs/*/collect.log",
-}
+# Snakemake's own progress lines on stderr: a job of a rule starts, a job of a rule finishes.
+JOB_STARTED = re.compile(r"^(?:local)?rule (\w+):$", re.MULTILINE)
+JOB_FINISHED = re.compile(r"^Finished jobid: \d+ \(Rule: (\w+)\)$", re.MULTILINE)
 PER_WELL_OUTPUTS = (
     "ingest/*.json",
     "segment/*.json",
@@ -94,9 +92,21 @@ def test_each_plate_has_its_outputs_and_samples_pool_across_plates(uninterrupted
     assert all(plate in index for plate in PLATES)
 
 
-def _log_starts(workdir: Path, rule: str, since_ns: int) -> int:
-    """Jobs of a rule started since a time: their logs are (re)written when they start."""
-    return sum(path.stat().st_mtime_ns >= since_ns for path in workdir.glob(LOGS[rule]))
+def _job_counts(stderr: Path) -> tuple[Counter, Counter]:
+    """Jobs per rule that a Snakemake run has started and finished so far, from its stderr."""
+    text = stderr.read_text()
+    return Counter(JOB_STARTED.findall(text)), Counter(JOB_FINISHED.findall(text))
+
+
+def _shortest_job_s(workdir: Path) -> dict[str, float]:
+    """The shortest job of each rule in a finished run, in seconds, from Snakemake's metadata
+    (its start and end time per output)."""
+    shortest: dict[str, float] = {}
+    for record in (workdir / ".snakemake" / "metadata").glob("*"):
+        metadata = json.loads(record.read_text())
+        duration = metadata["endtime"] - metadata["starttime"]
+        shortest[metadata["rule"]] = min(duration, shortest.get(metadata["rule"], duration))
+    return shortest
 
 
 def _finished_per_well_outputs(workdir: Path) -> dict[Path, int]:
@@ -119,54 +129,68 @@ def _resume_command(workdir: Path) -> list[str]:
 
 
 def _run_until_killed(
-    workdir: Path, rule: str, n_started: int, delay_s: float, next_rule: str | None
-) -> None:
-    """Resume the run; once n_started jobs of the rule have started and delay_s more has passed,
-    or sooner when a job of next_rule starts (so that the next stage keeps work for its own kill
-    on a fast machine), SIGKILL Snakemake and every job it started (one process group)."""
-    since_ns = time.time_ns()
-    process = subprocess.Popen(
-        _resume_command(workdir),
-        env=environment(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    workdir: Path, stderr: Path, rule: str, n_started: int, delay_s: float, guarded_rules: list[str]
+) -> set[str]:
+    """Resume the run and SIGKILL Snakemake and every job it started (one process group) once
+    n_started jobs of the rule have started and delay_s more has passed, or as soon as a job of
+    a guarded rule runs (a later stage still owed a kill, which must not finish first). Returns
+    the rules with a job running at the kill."""
+    with stderr.open("w") as log:
+        process = subprocess.Popen(
+            _resume_command(workdir), env=environment(), stdout=log, stderr=log, start_new_session=True
+        )
+    deadline = None
     try:
-        while _log_starts(workdir, rule, since_ns) < n_started:
-            assert process.poll() is None, f"the run ended before {n_started} {rule} job(s) started"
-            time.sleep(0.05)
-        deadline = time.monotonic() + delay_s
-        while time.monotonic() < deadline:
-            if next_rule and _log_starts(workdir, next_rule, since_ns):
+        while deadline is None or time.monotonic() < deadline:
+            assert process.poll() is None, f"the run ended before its kill:\n{stderr.read_text()[-3000:]}"
+            started, finished = _job_counts(stderr)
+            if deadline is None and started[rule] >= n_started:
+                deadline = time.monotonic() + delay_s
+            if any(started[guarded] > finished[guarded] for guarded in guarded_rules):
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    started, finished = _job_counts(stderr)
+    return {name for name in started if started[name] > finished[name]}
 
 
 @pytest.mark.slow
 def test_runs_killed_in_every_stage_resume_to_the_uninterrupted_tables(plates, uninterrupted_run, tmp_path):
-    write_config(tmp_path, plates)
+    """A kill lands inside a job of every stage on a machine of any speed. Each run targets the
+    earliest stage still owed a kill: a random fraction of the stage's shortest job (timed in
+    the uninterrupted run) after a random job of it starts, as Snakemake's own progress lines
+    tell, or at once when a job of a later stage owed a kill starts (that kill then counts for
+    the later stage)."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    write_config(workdir, plates)
+    shortest_job_s = _shortest_job_s(uninterrupted_run)
     rng = random.Random(KILL_SEED)
-    kills, finished_before_a_kill = [], {}
-    next_rules = [rule for _, rule in KILL_STAGES[1:]] + [None]
-    for (stage, rule), next_rule in zip(KILL_STAGES, next_rules, strict=True):
-        pending = planned_jobs(tmp_path).get(rule, 0)
-        if not pending:  # the stage finished before the previous kill landed
-            continue
-        n_started, delay_s = rng.randint(1, pending), rng.uniform(0.0, 2.0)
-        _run_until_killed(tmp_path, rule, n_started, delay_s, next_rule)
-        kills.append((stage, n_started, round(delay_s, 2)))
-        for path, mtime_ns in _finished_per_well_outputs(tmp_path).items():
+    kills, killed_stages, finished_before_a_kill = [], set(), {}
+    for attempt in range(2 * len(KILL_STAGES)):
+        pending = planned_jobs(workdir)
+        owed = [
+            (stage, rule) for stage, rule in KILL_STAGES if stage not in killed_stages and pending.get(rule)
+        ]
+        if not owed:
+            break
+        (stage, rule), later = owed[0], owed[1:]
+        n_started, fraction = rng.randint(1, pending[rule]), rng.uniform(0.05, 0.8)
+        stderr = tmp_path / f"run_{attempt}.log"
+        delay_s = fraction * shortest_job_s[rule]
+        running = _run_until_killed(workdir, stderr, rule, n_started, delay_s, [r for _, r in later])
+        kills.append((stage, n_started, round(fraction, 2), sorted(running)))
+        killed_stages |= {s for s, r in KILL_STAGES if r in running}
+        for path, mtime_ns in _finished_per_well_outputs(workdir).items():
             finished_before_a_kill.setdefault(path, mtime_ns)
-    run(_resume_command(tmp_path))
-    print(f"kills (stage, jobs of its rule started, seconds after): {kills}")
+    run(_resume_command(workdir))
+    print(f"kills (stage targeted, its jobs started, fraction of its shortest job, rules running): {kills}")
 
-    assert len(kills) >= 5, kills
-    assert summary_tables(tmp_path) == summary_tables(uninterrupted_run), kills
+    assert killed_stages == {stage for stage, _ in KILL_STAGES}, kills
+    assert summary_tables(workdir) == summary_tables(uninterrupted_run), kills
     redone = [path for path, mtime in finished_before_a_kill.items() if path.stat().st_mtime_ns != mtime]
     assert not redone, f"recomputed after a kill: {redone}"
 

@@ -101,7 +101,10 @@ def predict_tiled(
     origins = [(r * step_rows, c * step_cols) for r in range(n_rows) for c in range(n_cols)]
     out: torch.Tensor | None = None
     amp_dtype = autocast_dtype(device, cpu=True)
-    batch_size = batch_size or (4 if device.type == "cuda" else 1)
+    if batch_size is None:
+        batch_size = 4 if device.type == "cuda" else 1
+    elif batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 tile, got {batch_size}")
     for start in range(0, len(origins), batch_size):
         chunk = origins[start : start + batch_size]
         batch = torch.cat(
