@@ -48,7 +48,8 @@ bench: setup
 	$(RUN) python -m benchmarks
 
 # Retrain the shipped segmentation weights from scratch on the synthetic world (deterministic for
-# the seed on CPU; ~40 min on 2 cores, minutes on a GPU). Writes workflow/metascreen/segment/weights/.
+# the seed on CPU; 87 min on 2 cores for the shipped ones; not yet timed on a GPU, see
+# `python -m benchmarks gpu`). Writes workflow/metascreen/segment/weights/.
 SEGMENTER_SEED ?= 0
 pretrain-segmenter: setup
 	$(RUN) metascreen pretrain-segmenter --seed $(SEGMENTER_SEED)

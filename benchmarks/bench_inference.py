@@ -30,20 +30,25 @@ THREADS = 2
 REPEATS = 2
 
 
-def _real_crops(rng: np.random.Generator) -> np.ndarray:
-    """Crops of segmented synthetic cells of both types, as the pipeline extracts them."""
-    crops = []
-    for fraction in (0.0, 1.0, 0.0, 1.0):
-        image, _, _ = synth.render_field(rng, fraction_positive=fraction, shape=(512, 512), n_cells=40)
+def labelled_crops(rng: np.random.Generator, n_fields: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Crops of segmented synthetic cells as the pipeline extracts them, from ``n_fields``
+    fields alternately of the negative and of the positive type; each crop's type (0 or 1)
+    and field index."""
+    crops, types, fields = [], [], []
+    for field in range(n_fields):
+        kind = field % 2
+        image, _, _ = synth.render_field(rng, fraction_positive=float(kind), shape=(512, 512), n_cells=40)
         labels = segment_label_free(image)
         table = measure.measure_cells(labels, image)
         crops.append(measure.extract_crops(image, labels, table, size=CROP_SIZE, with_mask=True))
-    return np.concatenate(crops)
+        types.append(np.full(len(crops[-1]), kind))
+        fields.append(np.full(len(crops[-1]), field))
+    return np.concatenate(crops), np.concatenate(types), np.concatenate(fields)
 
 
 def _write_crops(path: Path, rng: np.random.Generator) -> np.ndarray:
     """``N_CROPS`` crops tiled from real ones (random order, flips, fresh image noise) to zarr."""
-    base = _real_crops(rng)
+    base = labelled_crops(rng, 4)[0]
     index = rng.integers(0, len(base), N_CROPS)
     crops = base[index]
     flip = rng.random(N_CROPS) < 0.5

@@ -13,7 +13,7 @@ import torch
 from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels
 
-from metascreen import model, ngff, stages, styles, synth
+from metascreen import cli, model, ngff, stages, styles, synth
 from metascreen.config import ConfigError, validate_config
 from metascreen.segment import learned, match_instances, pooled_ap, segment
 from metascreen.segment.instances import recover_instances, training_targets
@@ -262,6 +262,17 @@ def test_shipped_weights_reach_the_ap_they_record(shipped_metadata):
     )
     for name, ap in recorded.items():
         assert again[name] == pytest.approx(ap, abs=0.02), name
+
+
+def test_pretraining_builds_the_width_asked_and_records_the_command_that_repeats_it(tmp_path):
+    out = tmp_path / "segmenter.safetensors"
+    options = ["--seed", "3", "--steps", "2", "--base-channels", "8", "--styles", "demo_plate"]
+    assert cli.main(["pretrain-segmenter", "--out", str(out), *options, "--device", "cpu"]) == 0
+    network, metadata = load_network(out)
+    assert network.config == {"base": 8, "depth": 3}
+    assert metadata["command"] == "metascreen pretrain-segmenter " + " ".join(options)
+    assert list(metadata["ap50_by_style"]) == ["demo_plate"]
+    assert metadata["settings"]["steps"] == 2 and metadata["data_seed"] == 3
 
 
 def test_learned_backend_beats_label_free_on_unseen_phase_contrast():

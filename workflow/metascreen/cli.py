@@ -37,6 +37,14 @@ def _add(subparsers: Any, name: str, help_text: str, *arguments: tuple[str, dict
         parser.add_argument(flag, **options)
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metascreen", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -80,7 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
             {"type": Path, "default": None, "help": "weights file (default: the package's shipped weights)"},
         ),
         ("--seed", {"type": int, "default": 0}),
-        ("--steps", {"type": int, "default": None, "help": "optimiser steps (default: the shipped run's)"}),
+        (
+            "--steps",
+            {"type": _positive_int, "default": None, "help": "optimiser steps (default: the shipped run's)"},
+        ),
+        (
+            "--base-channels",
+            {
+                "type": _positive_int,
+                "default": None,
+                "help": "U-Net channels at full resolution (default: the shipped run's)",
+            },
+        ),
         ("--styles", {"nargs": "+", "help": "style names (default: all but the held-out ones)"}),
         ("--device", {"default": "auto", "help": "auto (CUDA when available), cpu or cuda"}),
         ("--threads", {"type": int, "default": 2, "help": "CPU threads of torch"}),
@@ -384,6 +403,8 @@ def _pretrain_segmenter(a: argparse.Namespace) -> None:
     settings = train.TrainingSettings(seed=a.seed)
     if a.steps is not None:
         settings = dataclasses.replace(settings, steps=a.steps)
+    if a.base_channels is not None:
+        settings = dataclasses.replace(settings, base_channels=a.base_channels)
     metadata = train.pretrain(out, style_names=a.styles, settings=settings, device=a.device)
     print(f"segmenter weights written to {out} (metadata: {Path(out).with_suffix('.json')})")
     for style, ap in metadata["ap50_by_style"].items():

@@ -347,6 +347,16 @@ def evaluate_styles(
     return scores
 
 
+def _pretrain_command(settings: TrainingSettings, style_names: Sequence[str]) -> str:
+    """The ``metascreen`` command line that repeats a pretraining run."""
+    words = [f"metascreen pretrain-segmenter --seed {settings.seed} --steps {settings.steps}"]
+    if settings.base_channels != TrainingSettings.base_channels:
+        words.append(f"--base-channels {settings.base_channels}")
+    if list(style_names) != list(styles.STYLE_NAMES):
+        words.append("--styles " + " ".join(style_names))
+    return " ".join(words)
+
+
 def pretrain(
     out: str | Path,
     *,
@@ -381,8 +391,7 @@ def pretrain(
         "mixed_precision": str(autocast_dtype(target, cpu=True) or torch.float32).removeprefix("torch."),
         "versions": runtime_versions(),
         "torch_threads": torch.get_num_threads(),
-        "command": f"metascreen pretrain-segmenter --seed {settings.seed} --steps {settings.steps}"
-        + (f" --styles {' '.join(style_names)}" if list(style_names) != list(styles.STYLE_NAMES) else ""),
+        "command": _pretrain_command(settings, style_names),
     }
     save_network(network, out, metadata)
     learned.load_segmenter.cache_clear()
