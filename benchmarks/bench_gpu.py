@@ -72,7 +72,7 @@ def _train_classifier(crops: np.ndarray, labels: np.ndarray, fields: np.ndarray,
     """Crops per second of training on ``device``, held-out accuracy, and the model."""
     held_out = fields >= CLASSIFIER_FIELDS * 3 // 4  # the last quarter of the fields, both types
     start = time.perf_counter()
-    model, history = train_classifier(
+    model, _ = train_classifier(
         crops[~held_out],
         labels[~held_out],
         crops[held_out],

@@ -267,7 +267,9 @@ def test_shipped_weights_reach_the_ap_they_record(shipped_metadata):
 def test_pretraining_builds_the_width_asked_and_records_the_command_that_repeats_it(tmp_path):
     out = tmp_path / "segmenter.safetensors"
     options = ["--seed", "3", "--steps", "2", "--base-channels", "8", "--styles", "demo_plate"]
-    assert cli.main(["pretrain-segmenter", "--out", str(out), *options, "--device", "cpu"]) == 0
+    # the same torch threads as before: the command sets them for the whole process
+    threads = ["--threads", str(torch.get_num_threads())]
+    assert cli.main(["pretrain-segmenter", "--out", str(out), *options, "--device", "cpu", *threads]) == 0
     network, metadata = load_network(out)
     assert network.config == {"base": 8, "depth": 3}
     assert metadata["command"] == "metascreen pretrain-segmenter " + " ".join(options)
