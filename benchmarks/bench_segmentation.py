@@ -11,7 +11,8 @@ The learned backend, with the shipped weights, against ``label_free``:
 
 * ``ap50_by_style`` / ``ap50_by_style_label_free``: AP@0.5 per style of
   :mod:`metascreen.styles` on fields of seeds no training field used, at their true
-  cell diameter.
+  cell diameter; ``ap50_by_style_augmented`` the same with test-time augmentation
+  (``augment``: outputs averaged over each field and its mirror images).
 * ``ap50_leave_one_style_out``: for each style, a network trained at reduced budget
   (:data:`LOSO_STEPS` steps, env ``METASCREEN_BENCH_LOSO_STEPS``) on every *other*
   style, scored on that unseen style; ``ap50_reduced_all_styles`` is the same budget
@@ -26,7 +27,8 @@ Throughput on 2048 x 2048 fields of ~600 cells, one thread (a per-core figure):
 
 * ``mpx_per_s_per_core``: segmentation + measurement + crops with the default backend.
 * ``mpx_per_s_per_core_learned`` / ``mpx_per_s_per_core_label_free``: segmentation
-  alone, both backends on the same fields in the same run; ``mpx_per_s_gpu`` and
+  alone, both backends on the same fields in the same run, and
+  ``mpx_per_s_per_core_learned_augmented`` with test-time augmentation; ``mpx_per_s_gpu`` and
   ``gpu_name`` for the learned backend when CUDA is available.
 """
 
@@ -207,6 +209,9 @@ def _throughput() -> dict[str, float | str]:
         "mpx_per_s_per_core_learned": _segmentation_speed(
             images, "learned", cell_diameter=diameter, device="cpu"
         ),
+        "mpx_per_s_per_core_learned_augmented": _segmentation_speed(
+            images, "learned", cell_diameter=diameter, augment=True, device="cpu"
+        ),
         "mpx_per_s_per_core_label_free": _segmentation_speed(images, "label_free"),
     }
     if torch.cuda.is_available():
@@ -226,12 +231,16 @@ def run(workdir: Path) -> dict:
         "ap50_synthetic": _synthetic_ap(out_of_focus=False),
         "ap50_synthetic_out_of_focus": _synthetic_ap(out_of_focus=True),
         **_dsb(),
-        "ap50_by_style": train.evaluate_styles(
-            learned.SHIPPED_WEIGHTS,
-            list(styles.STYLE_NAMES),
-            fields_per_style=STYLE_FIELDS,
-            seed=metadata["data_seed"],
-        ),
+        **{
+            key: train.evaluate_styles(
+                learned.SHIPPED_WEIGHTS,
+                list(styles.STYLE_NAMES),
+                fields_per_style=STYLE_FIELDS,
+                seed=metadata["data_seed"],
+                augment=augment,
+            )
+            for key, augment in (("ap50_by_style", False), ("ap50_by_style_augmented", True))
+        },
         "ap50_by_style_label_free": _label_free_by_style(evaluation_fields),
         **_auto_diameter_by_style(evaluation_fields),
         **_throughput(),

@@ -116,6 +116,22 @@ def test_tiled_prediction_equals_one_pass(shape: tuple[int, int]):
         np.testing.assert_allclose(tiled, whole, atol=1e-5)
 
 
+def test_augmented_prediction_is_mirror_equivariant_which_one_pass_is_not():
+    torch.manual_seed(0)
+    network = UNet(base=4, depth=1).eval()
+    image = np.random.default_rng(2).random((64, 96)).astype(np.float32)
+    augmented = predict_tiled(network, image, augment=True)
+    for axis in (0, 1):
+        mirrored = np.flip(image, axis).copy()
+        np.testing.assert_allclose(
+            predict_tiled(network, mirrored, augment=True), np.flip(augmented, axis + 1), atol=1e-5
+        )
+        # an untrained network by itself is not (by far more than the tolerance above): the
+        # average is what makes it so
+        gap = np.abs(predict_tiled(network, mirrored) - np.flip(predict_tiled(network, image), axis + 1))
+        assert gap.max() > 1e-4
+
+
 @pytest.mark.parametrize("depth", [2, 4])
 @pytest.mark.parametrize("factor", [0.45, 1.0, 1.7])
 def test_prediction_comes_back_at_the_field_size(factor: float, depth: int):

@@ -331,8 +331,10 @@ def evaluate_styles(
     shape: tuple[int, int] = (256, 256),
     seed: int = 0,
     device: str = "auto",
+    augment: bool = False,
 ) -> dict[str, float]:
-    """AP@0.5 per style on fields of unseen seeds, each segmented at its true median diameter."""
+    """AP@0.5 per style on fields of unseen seeds, each segmented at its true median diameter
+    (with test-time ``augment``: :func:`~metascreen.segment.learned.segment_learned`)."""
     scores = {}
     for name in style_names:
         pairs = []
@@ -340,7 +342,11 @@ def evaluate_styles(
             [name], fields_per_style, shape, seed + _EVAL_SEED_OFFSET
         ):
             predicted = learned.segment_learned(
-                image, cell_diameter=median_diameter(labels), weights=str(weights), device=device
+                image,
+                cell_diameter=median_diameter(labels),
+                augment=augment,
+                weights=str(weights),
+                device=device,
             )
             pairs.append((labels, predicted))
         scores[name] = pooled_ap(pairs)
