@@ -17,6 +17,10 @@ The learned backend, with the shipped weights, against ``label_free``:
   (:data:`LOSO_STEPS` steps, env ``METASCREEN_BENCH_LOSO_STEPS``) on every *other*
   style, scored on that unseen style; ``ap50_reduced_all_styles`` is the same budget
   trained on all styles, so the gap measures what being unseen costs.
+* ``errors_by_style``: how the learned backend loses the cells it misses, per style on
+  the same fields at their true diameter (:func:`metascreen.segment.error_types`: true
+  cells matched, missed, merged with a neighbour, split, of the wrong shape; and
+  spurious predictions).
 * ``diameter_estimate_ratio_by_style`` / ``ap50_by_style_auto``: the plate estimate of
   the cell diameter (``auto``: :func:`metascreen.segment.learned.estimate_cell_diameter`
   on the same fields, pooled) over the true median diameter, and AP@0.5 at that estimate.
@@ -124,6 +128,20 @@ def _auto_diameter_by_style(fields_of: Fields) -> dict[str, dict[str, float]]:
             [(labels, segment.segment(image, "learned", cell_diameter=estimate)) for image, labels in fields]
         )
     return {"diameter_estimate_ratio_by_style": ratios, "ap50_by_style_auto": scores}
+
+
+def _errors_by_style(fields_of: Fields) -> dict[str, dict[str, int]]:
+    errors = {}
+    for name, fields in fields_of.items():
+        counts = [
+            segment.error_types(
+                labels,
+                segment.segment(image, "learned", cell_diameter=train.median_diameter(labels)),
+            )
+            for image, labels in fields
+        ]
+        errors[name] = {kind: sum(count[kind] for count in counts) for kind in counts[0]}
+    return errors
 
 
 def _label_free_by_style(fields_of: Fields) -> dict[str, float]:
@@ -247,6 +265,7 @@ def run(workdir: Path) -> dict:
             for key, augment in (("ap50_by_style", False), ("ap50_by_style_augmented", True))
         },
         "ap50_by_style_label_free": _label_free_by_style(evaluation_fields),
+        "errors_by_style": _errors_by_style(evaluation_fields),
         **_auto_diameter_by_style(evaluation_fields),
         **_throughput(),
     }

@@ -16,6 +16,7 @@ from metascreen.config import validate_config
 from metascreen.segment import (
     DEFAULT_METHOD,
     SEGMENTERS,
+    error_types,
     match_instances,
     segment,
     segment_label_free,
@@ -144,6 +145,37 @@ def test_match_instances_counts():
     assert scores["ap"] == pytest.approx(1 / 5)
     assert scores["precision"] == pytest.approx(1 / 3) and scores["recall"] == pytest.approx(1 / 3)
     assert scores["mean_matched_iou"] == 1.0
+
+
+def test_error_types_tell_merges_splits_misses_and_shapes_apart():
+    truth = np.zeros((40, 60), np.int32)
+    truth[0:10, 0:10] = 1  # found
+    truth[0:10, 12:20] = 2  # joined to its neighbour 3 by one prediction
+    truth[0:10, 20:28] = 3
+    truth[15:25, 0:10] = 4  # cut in two
+    truth[15:25, 20:30] = 5  # not found
+    truth[30:36, 30:36] = 6  # found shifted: IoU 24 / 48
+    pred = np.zeros_like(truth)
+    pred[0:10, 0:10] = 9
+    pred[0:10, 12:28] = 4
+    pred[15:25, 0:5], pred[15:25, 5:10] = 5, 6
+    pred[32:38, 30:36] = 2
+    pred[30:40, 50:60] = 7  # on background
+    errors = error_types(truth, pred)
+    assert errors == {
+        "n_true": 6,
+        "matched": 1,
+        "missed": 1,
+        "merged": 2,
+        "split": 1,
+        "shape": 1,
+        "n_pred": 6,
+        "spurious": 1,
+    }
+    assert error_types(truth, truth)["matched"] == 6
+    assert error_types(truth, np.zeros_like(truth))["missed"] == 6
+    with pytest.raises(ValueError, match="shape"):
+        error_types(truth, pred[:4])
 
 
 def test_match_instances_iou_threshold():

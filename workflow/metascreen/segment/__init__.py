@@ -10,7 +10,8 @@ Backends (``segment.method`` of the configuration):
 * ``nuclei`` (:func:`metascreen.segment.classical.segment_nuclei`): fluorescent nuclei.
 
 :func:`match_instances` scores a segmentation against ground truth with the
-StarDist/Cellpose average precision ``AP = TP / (TP + FP + FN)``.
+StarDist/Cellpose average precision ``AP = TP / (TP + FP + FN)``; :func:`error_types`
+says how the cells it misses were lost (merged, split, missed, wrong shape).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from typing import Any
 import numpy as np
 
 from metascreen.segment.classical import segment_label_free, segment_nuclei
-from metascreen.segment.metrics import match_instances, pooled_ap
+from metascreen.segment.metrics import error_types, match_instances, pooled_ap
 
 __all__ = [
     "DEFAULT_METHOD",
     "SEGMENTERS",
     "Segmenter",
+    "error_types",
     "match_instances",
     "pooled_ap",
     "segment",
