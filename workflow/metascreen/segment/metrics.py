@@ -27,9 +27,9 @@ def cells_centred_in(labels: np.ndarray, region: np.ndarray) -> np.ndarray:
 
 def _overlaps(
     true_labels: np.ndarray, pred_labels: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Areas of the true and predicted labels, and every overlapping (true, pred) pair
-    with its intersection, sparse: counted from the label pairs of the pixels."""
+    with its intersection and IoU, sparse: counted from the label pairs of the pixels."""
     true_labels, pred_labels = np.asarray(true_labels), np.asarray(pred_labels)
     if true_labels.shape != pred_labels.shape:
         raise ValueError(f"shape mismatch: {true_labels.shape} vs {pred_labels.shape}")
@@ -39,7 +39,7 @@ def _overlaps(
     both = (true_flat > 0) & (pred_flat > 0)
     key, inter = np.unique(true_flat[both] * pred_area.size + pred_flat[both], return_counts=True)
     t, p = np.divmod(key, pred_area.size)
-    return true_area, pred_area, t, p, inter
+    return true_area, pred_area, t, p, inter, inter / (true_area[t] + pred_area[p] - inter)
 
 
 def match_instances(
@@ -68,9 +68,8 @@ def match_instances(
     """
     if not 0.5 <= iou_threshold < 1.0:
         raise ValueError(f"iou_threshold must lie in [0.5, 1), got {iou_threshold!r}")
-    true_area, pred_area, t, p, inter = _overlaps(true_labels, pred_labels)
+    true_area, pred_area, t, p, inter, iou = _overlaps(true_labels, pred_labels)
     n_true, n_pred = int(np.count_nonzero(true_area[1:])), int(np.count_nonzero(pred_area[1:]))
-    iou = inter / (true_area[t] + pred_area[p] - inter)
     matched = iou > iou_threshold
 
     tp = int(matched.sum())
@@ -114,11 +113,11 @@ def error_types(true_labels: np.ndarray, pred_labels: np.ndarray) -> dict[str, i
         ``n_true``, ``matched``, ``missed``, ``merged``, ``split``, ``shape`` (they sum to
         ``n_true``), ``n_pred`` and ``spurious`` (int counts).
     """
-    true_area, pred_area, t, p, inter = _overlaps(true_labels, pred_labels)
+    true_area, pred_area, t, p, inter, iou = _overlaps(true_labels, pred_labels)
     present_true, present_pred = true_area > 0, pred_area > 0
     present_true[0] = present_pred[0] = False
     matched = np.zeros(true_area.size, bool)
-    matched[t[inter / (true_area[t] + pred_area[p] - inter) > 0.5]] = True
+    matched[t[iou > 0.5]] = True
     covered = np.bincount(t, inter, minlength=true_area.size)
     # the prediction overlapping each true cell most: the last of its pairs by overlap
     order = np.lexsort((inter, t))
