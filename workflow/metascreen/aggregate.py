@@ -36,8 +36,8 @@ whose segmentation found too few cells in too many wells stops the run
 from __future__ import annotations
 
 import zlib
-from statistics import NormalDist
 from collections.abc import Iterable, Mapping, Sequence
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
