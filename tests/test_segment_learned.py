@@ -236,6 +236,34 @@ def test_defocus_keeps_brightfield_cells_visible_and_blurs_phase_contrast(modali
     assert ratio > 0.8 if modality == "brightfield" else ratio < 0.9
 
 
+@pytest.mark.parametrize("style", ["brightfield_clumps", "phase_confluent", "phase_neurite", "dic_spread"])
+def test_granules_stay_fainter_than_the_cells_they_lie_in(style: str):
+    # granules once had a fine texture of 0.3-0.5 of the cells' own optical path (mean over
+    # fields): in brightfield and phase contrast it hid the contacts between touching cells
+    # and whole neurites, and no real unstained cell looks like that
+    _, labels = styles.render_style_field(styles.style_rng(0, style, 0), style, (256, 256))
+    # pixels whose 7 x 7 neighbourhood lies in one cell: away from outlines and contacts
+    core = (labels > 0) & (ndi.minimum_filter(labels, 7) == ndi.maximum_filter(labels, 7))
+    strengths = []
+    for index in range(6):
+        path = styles._optical_path(np.random.default_rng(index), labels, styles.STYLES[style])
+        fine = path - ndi.gaussian_filter(path, 3)
+        strengths.append(fine[core].std() / path[core].mean())
+    assert np.mean(strengths) < 0.2, strengths
+
+
+def test_neurites_are_nearly_as_thick_as_their_soma():
+    # thin processes reached 0.46-0.51 of their soma's path (median), too faint to show
+    # through the halo and noise of phase contrast, where real neurites are plain dark lines
+    style = styles.STYLES["phase_neurite"]
+    _, labels = styles.render_style_field(styles.style_rng(0, style.name, 0), style.name, (256, 256))
+    bodies = ndi.binary_opening(labels > 0, np.ones((7, 7), bool))
+    processes = (labels > 0) & ~ndi.binary_dilation(bodies)
+    for index in range(6):
+        path = styles._optical_path(np.random.default_rng(index), labels, style)
+        assert np.median(path[processes]) > 0.55 * np.median(path[bodies]), index
+
+
 @pytest.mark.parametrize("style", ["brightfield_round", "brightfield_clumps"])
 def test_faint_fields_are_exposed_until_their_cells_stand_out_of_the_noise(style: str):
     # faint fringes drawn with few photons once rendered cells no one could see or annotate:
@@ -243,9 +271,13 @@ def test_faint_fields_are_exposed_until_their_cells_stand_out_of_the_noise(style
     for index in range(16):
         image, labels = styles.render_style_field(styles.style_rng(5, style, index), style, (256, 256))
         image = image.astype(np.float64)
-        deviation = image / ndi.gaussian_filter(image, 15) - 1.0  # illumination divided out
         near = expand_labels(labels, 2) > 0
         far = ~ndi.binary_dilation(labels > 0, iterations=8)
+        # illumination from the cell-free pixels only, divided out: smoothing the whole image
+        # would take the smooth contrast of whole cells (spheres in brightfield) for illumination
+        cell_free = ndi.gaussian_filter(far * 1.0, 15)
+        illumination = ndi.gaussian_filter(image * far, 15) / np.maximum(cell_free, 1e-3)
+        deviation = image / np.maximum(illumination, 1e-6) - 1.0
         assert np.mean(deviation[near] ** 2) > 1.8 * np.mean(deviation[far] ** 2), index
 
 
