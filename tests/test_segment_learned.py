@@ -238,9 +238,9 @@ def test_defocus_keeps_brightfield_cells_visible_and_blurs_phase_contrast(modali
 
 @pytest.mark.parametrize("style", ["brightfield_clumps", "phase_confluent", "phase_neurite", "dic_spread"])
 def test_granules_stay_fainter_than_the_cells_they_lie_in(style: str):
-    # granules once had a fine texture of 0.3-0.5 of the cells' own optical path (mean over
-    # fields): in brightfield and phase contrast it hid the contacts between touching cells
-    # and whole neurites, and no real unstained cell looks like that
+    # granules once had a fine texture of 0.24-0.34 of the cells' own optical path (this measure,
+    # these fields; 0.09-0.11 now): in brightfield and phase contrast it hid the contacts between
+    # touching cells and whole neurites, and no real unstained cell looks like that
     _, labels = styles.render_style_field(styles.style_rng(0, style, 0), style, (256, 256))
     # pixels whose 7 x 7 neighbourhood lies in one cell: away from outlines and contacts
     core = (labels > 0) & (ndi.minimum_filter(labels, 7) == ndi.maximum_filter(labels, 7))
@@ -253,15 +253,15 @@ def test_granules_stay_fainter_than_the_cells_they_lie_in(style: str):
 
 
 def test_neurites_are_nearly_as_thick_as_their_soma():
-    # thin processes reached 0.46-0.51 of their soma's path (median), too faint to show
-    # through the halo and noise of phase contrast, where real neurites are plain dark lines
+    # thin processes reached 0.53-0.57 of their soma's path (median; 0.61-0.66 now), too faint to
+    # show through the halo and noise of phase contrast, where real neurites are plain dark lines
     style = styles.STYLES["phase_neurite"]
     _, labels = styles.render_style_field(styles.style_rng(0, style.name, 0), style.name, (256, 256))
     bodies = ndi.binary_opening(labels > 0, np.ones((7, 7), bool))
     processes = (labels > 0) & ~ndi.binary_dilation(bodies)
     for index in range(6):
         path = styles._optical_path(np.random.default_rng(index), labels, style)
-        assert np.median(path[processes]) > 0.55 * np.median(path[bodies]), index
+        assert np.median(path[processes]) > 0.6 * np.median(path[bodies]), index
 
 
 @pytest.mark.parametrize("style", ["brightfield_round", "brightfield_clumps"])
