@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -323,6 +324,42 @@ def test_pretraining_builds_the_width_asked_and_records_the_command_that_repeats
     assert metadata["command"] == "metascreen pretrain-segmenter " + " ".join(options)
     assert list(metadata["ap50_by_style"]) == ["demo_plate"]
     assert metadata["settings"]["steps"] == 2 and metadata["data_seed"] == 3
+
+
+def _largest_difference(one: UNet, other: UNet) -> float:
+    pairs = zip(one.parameters(), other.parameters(), strict=True)
+    return max((a - b).abs().max().item() for a, b in pairs)
+
+
+def test_pretraining_from_init_weights_trains_them_longer_and_records_both_runs(tmp_path, capsys):
+    first, longer = tmp_path / "first.safetensors", tmp_path / "longer.safetensors"
+    common = ["--styles", "demo_plate", "--device", "cpu", "--threads", str(torch.get_num_threads())]
+    assert cli.main(["pretrain-segmenter", "--out", str(first), "--seed", "3", "--steps", "2",
+                     "--base-channels", "8", *common]) == 0  # fmt: skip
+    options = ["--seed", "4", "--steps", "3", "--learning-rate", "0.001", "--init", str(first)]
+    assert cli.main(["pretrain-segmenter", "--out", str(longer), *options, *common]) == 0
+    start, first_metadata = load_network(first, fuse=False)
+    network, metadata = load_network(longer, fuse=False)
+    assert network.config == {"base": 8, "depth": 3}  # the width of the initial network
+    assert metadata["command"] == "metascreen pretrain-segmenter " + " ".join(
+        [*options, "--styles", "demo_plate"]
+    )
+    assert metadata["settings"]["steps"] == 3 and metadata["settings"]["learning_rate"] == 0.001
+    assert metadata["data_seed"] == 4
+    recorded = metadata["init"]
+    assert recorded["command"] == first_metadata["command"] and recorded["data_seed"] == 3
+    assert recorded["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    # the run started from the initial weights (a fresh network of this width differs from them
+    # far more than three small steps move them) and changed them
+    assert 0.0 < _largest_difference(start, network) < _largest_difference(start, UNet(8)) / 10
+
+    capsys.readouterr()
+    widened = ["pretrain-segmenter", "--out", str(longer), "--init", str(first), "--base-channels", "16"]
+    assert cli.main([*widened, *common]) == 1
+    assert "--base-channels cannot change the width" in capsys.readouterr().err
+    missing = ["pretrain-segmenter", "--out", str(longer), "--init", str(tmp_path / "none.safetensors")]
+    assert cli.main([*missing, *common]) == 1
+    assert "weights not found" in capsys.readouterr().err
 
 
 def test_learned_backend_beats_label_free_on_unseen_phase_contrast():

@@ -45,6 +45,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    """An argparse type: a number above 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metascreen", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(
         commands,
         "pretrain-segmenter",
-        "Train the learned segmenter from scratch on the synthetic world; write safetensors + JSON metadata.",
+        "Train the learned segmenter on the synthetic world (from scratch, or longer from --init weights); "
+        "write safetensors + JSON metadata.",
         (
             "--out",
             {"type": Path, "default": None, "help": "weights file (default: the package's shipped weights)"},
@@ -93,11 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
             {"type": _positive_int, "default": None, "help": "optimiser steps (default: the shipped run's)"},
         ),
         (
+            "--learning-rate",
+            {
+                "type": _positive_float,
+                "default": None,
+                "help": "peak learning rate (default: the shipped run's)",
+            },
+        ),
+        (
             "--base-channels",
             {
                 "type": _positive_int,
                 "default": None,
                 "help": "U-Net channels at full resolution (default: the shipped run's)",
+            },
+        ),
+        (
+            "--init",
+            {
+                "type": Path,
+                "default": None,
+                "help": "go on training these weights (a warm restart of the learning-rate schedule, "
+                "on the fields of --seed) instead of starting from scratch; their architecture is kept",
             },
         ),
         ("--styles", {"nargs": "+", "help": "style names (default: all but the held-out ones)"}),
@@ -403,9 +429,16 @@ def _pretrain_segmenter(a: argparse.Namespace) -> None:
     settings = train.TrainingSettings(seed=a.seed)
     if a.steps is not None:
         settings = dataclasses.replace(settings, steps=a.steps)
+    if a.learning_rate is not None:
+        settings = dataclasses.replace(settings, learning_rate=a.learning_rate)
     if a.base_channels is not None:
+        if a.init is not None:
+            raise configuration.ConfigError("--base-channels cannot change the width of the --init network")
         settings = dataclasses.replace(settings, base_channels=a.base_channels)
-    metadata = train.pretrain(out, style_names=a.styles, settings=settings, device=a.device)
+    try:
+        metadata = train.pretrain(out, style_names=a.styles, settings=settings, device=a.device, init=a.init)
+    except (FileNotFoundError, ValueError) as error:  # a missing or foreign --init file
+        raise configuration.ConfigError(str(error)) from error
     print(f"segmenter weights written to {out} (metadata: {Path(out).with_suffix('.json')})")
     for style, ap in metadata["ap50_by_style"].items():
         print(f"  AP@0.5 {style:<28} {ap:.3f}")

@@ -32,7 +32,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -353,10 +353,16 @@ def evaluate_styles(
     return scores
 
 
-def _pretrain_command(settings: TrainingSettings, style_names: Sequence[str]) -> str:
+def _pretrain_command(
+    settings: TrainingSettings, style_names: Sequence[str], init: str | Path | None = None
+) -> str:
     """The ``metascreen`` command line that repeats a pretraining run."""
     words = [f"metascreen pretrain-segmenter --seed {settings.seed} --steps {settings.steps}"]
-    if settings.base_channels != TrainingSettings.base_channels:
+    if settings.learning_rate != TrainingSettings.learning_rate:
+        words.append(f"--learning-rate {settings.learning_rate:g}")
+    if init is not None:
+        words.append(f"--init {init}")
+    elif settings.base_channels != TrainingSettings.base_channels:
         words.append(f"--base-channels {settings.base_channels}")
     if list(style_names) != list(styles.STYLE_NAMES):
         words.append("--styles " + " ".join(style_names))
@@ -370,18 +376,31 @@ def pretrain(
     settings: TrainingSettings = TrainingSettings(),
     device: str = "auto",
     eval_fields_per_style: int = 4,
+    init: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train from scratch on the synthetic world, write weights + metadata to ``out``, and
-    return the metadata (styles, seeds, data hash, settings, AP per held-out-seed style,
-    versions, seconds)."""
+    """Train on the synthetic world, write weights + metadata to ``out``, and return the
+    metadata (styles, seeds, data hash, settings, AP per held-out-seed style, versions,
+    seconds).
+
+    From scratch, or, given ``init`` (a weights file of an earlier run), from those weights:
+    a warm restart of the learning-rate schedule that trains a network longer, on fields of
+    ``settings.seed``. The architecture is then the initial network's, and the metadata keeps
+    that run's own under ``init`` (with its file's SHA-256), so every stage can be repeated.
+    """
     style_names = list(style_names or styles.STYLE_NAMES)
     target = select_device(device)
+    initial, init_metadata = None, None
+    if init is not None:
+        initial, init_metadata = load_network(init, "cpu", fuse=False)
+        architecture = init_metadata.pop("architecture")
+        settings = replace(settings, base_channels=architecture["base"], depth=architecture["depth"])
+        init_metadata["sha256"] = hashlib.sha256(Path(init).read_bytes()).hexdigest()
     started = time.perf_counter()
     fields = render_training_fields(
         style_names, settings.fields_per_style, settings.field_shape, settings.seed
     )
     log.info("rendered %d training fields of %d styles", len(fields), len(style_names))
-    network = train_network(fields, settings, device=device)
+    network = train_network(fields, settings, device=device, network=initial)
     train_seconds = time.perf_counter() - started
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -397,8 +416,10 @@ def pretrain(
         "mixed_precision": str(autocast_dtype(target, cpu=True) or torch.float32).removeprefix("torch."),
         "versions": runtime_versions(),
         "torch_threads": torch.get_num_threads(),
-        "command": _pretrain_command(settings, style_names),
+        "command": _pretrain_command(settings, style_names, init),
     }
+    if init_metadata is not None:
+        metadata["init"] = init_metadata
     save_network(network, out, metadata)
     learned.load_segmenter.cache_clear()
     metadata["ap50_by_style"] = evaluate_styles(
