@@ -360,6 +360,9 @@ def test_pretraining_from_init_weights_trains_them_longer_and_records_both_runs(
     missing = ["pretrain-segmenter", "--out", str(longer), "--init", str(tmp_path / "none.safetensors")]
     assert cli.main([*missing, *common]) == 1
     assert "weights not found" in capsys.readouterr().err
+    unknown = ["pretrain-segmenter", "--out", str(longer), "--styles", "no_such_style", "--device", "cpu"]
+    assert cli.main(unknown) == 1
+    assert "unknown style 'no_such_style'" in capsys.readouterr().err
 
 
 def test_learned_backend_beats_label_free_on_unseen_phase_contrast():

@@ -437,7 +437,7 @@ def _pretrain_segmenter(a: argparse.Namespace) -> None:
         settings = dataclasses.replace(settings, base_channels=a.base_channels)
     try:
         metadata = train.pretrain(out, style_names=a.styles, settings=settings, device=a.device, init=a.init)
-    except (FileNotFoundError, ValueError) as error:  # a missing or foreign --init file
+    except (FileNotFoundError, ValueError) as error:  # a missing or foreign --init file, an unknown style
         raise configuration.ConfigError(str(error)) from error
     print(f"segmenter weights written to {out} (metadata: {Path(out).with_suffix('.json')})")
     for style, ap in metadata["ap50_by_style"].items():
