@@ -11,8 +11,9 @@ field's 0.1-99.9 percentile range (the range, below).
   is this benchmark's baseline.
 * ``ap50_by_fault``: fault -> mean AP@0.5 over the styles; ``ratio_to_as_rendered`` the same
   over the baseline (1.0: no loss); ``ap50_by_fault_and_style`` fault -> style -> AP@0.5.
-* ``ap50_dsb_by_fault``: the real DSB 2018 nuclei image (``../shared/data/dsb2018_nuclei``)
-  under the same faults, at its true median diameter; absent where that folder is.
+* ``ap50_dsb_as_rendered`` / ``ap50_dsb_by_fault``: the real DSB 2018 nuclei image
+  (``../shared/data/dsb2018_nuclei``) as it is and under each fault, at its true median
+  diameter; left out where that folder is absent.
 
 The faults' random draws are seeded, so a run repeats exactly on one machine.
 """
