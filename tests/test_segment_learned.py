@@ -16,7 +16,7 @@ from skimage.segmentation import expand_labels
 
 from metascreen import cli, model, ngff, stages, styles, synth
 from metascreen.config import ConfigError, validate_config
-from metascreen.segment import learned, match_instances, pooled_ap, segment
+from metascreen.segment import learned, match_instances, pooled_ap, segment, train
 from metascreen.segment.instances import recover_instances, training_targets
 from metascreen.segment.network import UNet, load_network, save_network
 from metascreen.segment.tiling import normalize_percentile, predict_tiled
@@ -200,6 +200,17 @@ def test_training_is_deterministic_for_a_seed():
     assert not torch.are_deterministic_algorithms_enabled()  # the process's setting is restored
     assert all(torch.equal(first[name], again[name]) for name in first)
     assert not all(torch.equal(first[name], other[name]) for name in first)
+
+
+def test_grain_is_faint_correlated_noise_over_the_whole_crop():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        grain = train._grain(rng, (1, 128, 128))
+        assert grain.shape == (1, 128, 128) and grain.dtype == np.float32
+        assert 0.02 - 1e-6 <= grain.std() <= 0.12 + 1e-6
+        assert abs(grain.mean()) < 0.5 * grain.std()  # no offset: the crop keeps its levels
+        # blurred over 0.7 px or more: neighbours correlate (white noise would give ~0)
+        assert np.corrcoef(grain[0, :, 1:].ravel(), grain[0, :, :-1].ravel())[0, 1] > 0.5
 
 
 def test_synthetic_world_is_reproducible_and_varied(tmp_path):
