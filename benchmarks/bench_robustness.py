@@ -48,7 +48,11 @@ def _in_range_units(image: np.ndarray) -> np.ndarray:
 
 
 def _gaussian_noise(sigma: float, correlation: float) -> Fault:
-    """Additive noise of ``sigma`` (range units), white or blurred to ``correlation`` px."""
+    """Additive noise of ``sigma`` (range units), white or blurred to ``correlation`` px.
+
+    Written apart from the training's grain (``metascreen.segment.train._grain``) on
+    purpose: the fault must not change when the augmentation it judges does.
+    """
 
     def apply(image: np.ndarray, rng: np.random.Generator, diameter: float) -> np.ndarray:
         noise = rng.normal(0.0, 1.0, image.shape)
