@@ -48,7 +48,7 @@ bench: setup
 	$(RUN) python -m benchmarks
 
 # Retrain the shipped segmentation weights from scratch on the synthetic world (deterministic for
-# the seed on CPU; 45 min on 2 Intel AMX cores for the shipped ones; not yet timed on a GPU, see
+# the seed on CPU; 50 min on 2 Intel AMX cores for the shipped ones; not yet timed on a GPU, see
 # `python -m benchmarks gpu`). Writes workflow/metascreen/segment/weights/.
 SEGMENTER_SEED ?= 0
 pretrain-segmenter: setup

@@ -19,8 +19,8 @@ from metascreen.segment.network import load_network
 
 from .small_plate import WELLS, planned_jobs, run, snakemake_command, write_config, write_plate
 
-# dic_round is held out of pretraining: the shipped weights score 0.63 zero-shot on
-# 512 x 512 fields of it (benchmarks/bench_finetune.py) and 0.61 on the 256 x 256 test fields below
+# dic_round is held out of pretraining: the shipped weights score 0.83 zero-shot on
+# 512 x 512 fields of it (benchmarks/bench_finetune.py) and 0.74 on the 256 x 256 test fields below
 STYLE = "dic_round"
 
 
@@ -165,13 +165,14 @@ def test_fine_tuning_on_one_field_of_an_unseen_style_improves_its_held_out_cells
     annotated, others = held_out_style_fields
     shipped, _ = load_network(learned.SHIPPED_WEIGHTS, fuse=False)
     before = train.network_ap(shipped, others)
-    # the default 500 steps, measured on these fields: the other fields 0.62 -> 0.90, the
-    # held-out strip of the annotated field (7 cells) 0.86 -> 0.88 (weights of e2b8c62:
-    # 0.79 -> 0.79 and 0.82 -> 0.91)
+    # the default 500 steps, measured on these fields: the other fields 0.74 -> 0.87 (half
+    # of what was missing), the held-out strip of the annotated field (7 cells) 0.40 -> 0.67
+    # (weights before the crossed styles: 0.62 -> 0.90 and 0.86 -> 0.88). A gain in AP
+    # alone would fail better zero-shot weights, so the test asks for a share of the errors.
     network, evaluation = train.finetune([annotated], device="cpu")
     after = train.network_ap(network, others)
     assert before > 0.5, before
-    assert after > before + 0.15, (before, after)
+    assert after - before >= 0.4 * (1.0 - before), (before, after)
     assert evaluation["ap50_after"] >= evaluation["ap50_before"]
     assert evaluation["n_validation_cells"] > 5 and evaluation["n_annotated_fields"] == 1
 

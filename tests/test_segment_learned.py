@@ -231,6 +231,25 @@ def test_synthetic_world_is_reproducible_and_varied(tmp_path):
         styles.render_style_field(np.random.default_rng(0), "holography")
 
 
+def test_styles_cross_modalities_with_morphologies_and_leave_the_held_out_looks_unseen():
+    # each modality was once drawn with one or two morphologies only: a network trained
+    # without a style then had never seen its modality (DIC) or its morphology (neurites)
+    pretraining = [styles.STYLES[name] for name in styles.STYLE_NAMES if name in styles.STYLES]
+    for modality in ("brightfield", "phase", "dic"):
+        assert {"spread", "neurite"} <= {s.morphology for s in pretraining if s.modality == modality}
+    assert {s.modality for s in pretraining if s.confluent} == {"phase", "dic"}
+
+    def look(style: styles.Style) -> tuple[str, str, bool]:
+        return style.modality, style.morphology, style.confluent
+
+    # clumps are spheres too: DIC of clumps would show the held-out dic_round's cells
+    held_out = {look(styles.STYLES[name]) for name in styles.HELD_OUT_STYLES}
+    assert not {look(s) for s in pretraining} & (held_out | {("dic", "clumps", False)})
+    rng = styles.style_rng(0, "dic_confluent", 0)
+    _, labels = styles.render_style_field(rng, "dic_confluent", (128, 128))
+    assert (labels > 0).mean() >= 0.7
+
+
 @pytest.mark.parametrize("modality", ["brightfield", "phase"])
 def test_defocus_keeps_brightfield_cells_visible_and_blurs_phase_contrast(modality: str):
     # unstained cells show in brightfield *because* of defocus; blurring the in-focus

@@ -27,9 +27,12 @@ segmenter trained on one look fails on the next, so this module renders many: a
 
 Every field comes with int32 instance labels (cells may touch, never overlap). Each
 field draws its own parameters from its style's ranges, so one style already spans a
-family of looks. Pure functions: :func:`render_style_field` returns arrays, only
-:func:`write_world` writes files (``name.tif`` + ``name_masks.tif`` pairs, the Cellpose
-convention).
+family of looks. The styles cross modalities with morphologies and densities (every
+modality has spread cells and neurites, phase contrast and DIC a confluent layer), so
+that each optical effect is learned on more than one kind of cell, and a look no style
+renders shares its parts with several that do. Pure functions: :func:`render_style_field`
+returns arrays, only :func:`write_world` writes files (``name.tif`` + ``name_masks.tif``
+pairs, the Cellpose convention).
 """
 
 from __future__ import annotations
@@ -163,6 +166,50 @@ STYLES: dict[str, Style] = {
             description="DIC-like relief shading of adherent cells",
         ),
         Style(
+            "brightfield_spread",
+            "brightfield",
+            "spread",
+            (25.0, 55.0),
+            (0.1, 0.4),
+            dtype="uint8",
+            description="adherent cells in brightfield, 8-bit",
+        ),
+        Style(
+            "brightfield_neurite",
+            "brightfield",
+            "neurite",
+            (14.0, 30.0),
+            (0.2, 0.5),
+            description="neurons in brightfield: small somata with long processes",
+        ),
+        Style(
+            "phase_clumps",
+            "phase",
+            "clumps",
+            (16.0, 30.0),
+            (0.2, 0.45),
+            dtype="float32",
+            description="round cells packed in clusters under phase contrast, float images",
+        ),
+        Style(
+            "dic_neurite",
+            "dic",
+            "neurite",
+            (14.0, 30.0),
+            (0.2, 0.5),
+            dtype="uint8",
+            description="neurons in DIC relief shading, 8-bit",
+        ),
+        Style(
+            "dic_confluent",
+            "dic",
+            "spread",
+            (20.0, 45.0),
+            (0.7, 0.9),
+            confluent=True,
+            description="a confluent monolayer in DIC relief shading",
+        ),
+        Style(
             "brightfield_defocus",
             "brightfield",
             "round",
@@ -205,7 +252,8 @@ STYLES: dict[str, Style] = {
 #: The demo plate's own look (:func:`metascreen.synth.render_field`) as one more style.
 DEMO_STYLE = "demo_plate"
 #: Styles kept out of pretraining, so that adapting to an unseen look (fine-tuning on a few
-#: annotated fields) is measured on a look the shipped network has never seen.
+#: annotated fields) is measured on a look the shipped network has never seen: no
+#: pretraining style is DIC of round or clumped cells, or a confluent brightfield layer.
 HELD_OUT_STYLES: tuple[str, ...] = ("dic_round", "brightfield_confluent")
 #: The styles the shipped network is pretrained on: :data:`STYLES` but the held-out ones,
 #: and :data:`DEMO_STYLE`.
