@@ -21,6 +21,10 @@ The learned backend, with the shipped weights, against ``label_free``:
   the same fields at their true diameter (:func:`metascreen.segment.error_types`: true
   cells matched, missed, merged with a neighbour, split, of the wrong shape; and
   spurious predictions).
+* ``ap50_by_style_perfect_maps``: the ceiling of the learned backend's representation
+  and cell recovery, per style on the same fields: the cells recovered from the training
+  targets themselves, as from a network that predicted them exactly
+  (:func:`metascreen.segment.train.perfect_maps_ap`).
 * ``diameter_estimate_ratio_by_style`` / ``ap50_by_style_auto``: the plate estimate of
   the cell diameter (``auto``: :func:`metascreen.segment.learned.estimate_cell_diameter`
   on the same fields, pooled) over the true median diameter, and AP@0.5 at that estimate.
@@ -272,6 +276,9 @@ def run(workdir: Path) -> dict:
         },
         "ap50_by_style_label_free": _label_free_by_style(evaluation_fields),
         "errors_by_style": _errors_by_style(evaluation_fields),
+        "ap50_by_style_perfect_maps": {
+            name: train.perfect_maps_ap(fields) for name, fields in evaluation_fields.items()
+        },
         **_auto_diameter_by_style(evaluation_fields),
         **_throughput(),
     }

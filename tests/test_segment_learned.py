@@ -69,6 +69,19 @@ def test_recovery_from_perfect_maps_gives_back_the_truth(style: str, floor: floa
     assert scores["mean_matched_iou"] > 0.93
 
 
+@pytest.mark.parametrize("style", ["brightfield_spread_large", "brightfield_small"])
+def test_perfect_maps_survive_the_trip_to_the_training_scale_and_back(style: str):
+    # cells shrunk several times (spread_large) or enlarged (small) to the training diameter
+    fields = [(image, labels) for _, image, labels in render_training_fields([style], 2, (256, 256), 5)]
+    ceiling = train.perfect_maps_ap(fields)
+    assert 0.95 <= ceiling <= 1.0
+    # the same targets made at the fields' own scale agree: the round trip loses little
+    native = pooled_ap(
+        [(labels, recover_instances(*training_targets(labels), min_area=15)) for _, labels in fields]
+    )
+    assert abs(ceiling - native) < 0.06, (ceiling, native)
+
+
 def test_recovery_keeps_seedless_foreground_and_drops_small_objects():
     foreground = np.zeros((40, 40), np.float32)
     distance, boundary = np.zeros_like(foreground), np.zeros_like(foreground)
@@ -339,8 +352,14 @@ def test_shipped_weights_reach_the_ap_they_record(shipped_metadata):
     again = evaluate_styles(
         learned.SHIPPED_WEIGHTS, list(recorded), seed=shipped_metadata["data_seed"], device="cpu"
     )
+    # recorded in the training run's arithmetic (bfloat16 on CPUs that have it); in float32 a
+    # few cells of a style's 4 fields come out otherwise (measured on AMD Zen 2: up to 0.06 on
+    # a style, 0.001 on the mean over the styles)
+    here = str(model.autocast_dtype(torch.device("cpu"), cpu=True) or torch.float32).removeprefix("torch.")
+    tolerance = 0.02 if here == shipped_metadata["mixed_precision"] else 0.08
     for name, ap in recorded.items():
-        assert again[name] == pytest.approx(ap, abs=0.02), name
+        assert again[name] == pytest.approx(ap, abs=tolerance), name
+    assert np.mean(list(again.values())) == pytest.approx(np.mean(list(recorded.values())), abs=0.01)
 
 
 def test_pretraining_builds_the_width_asked_and_records_the_command_that_repeats_it(tmp_path):

@@ -16,10 +16,12 @@ contact boundary between touching cells**.
   pieces reaching a high distance seed a cell. A watershed of ``-distance`` from the
   seeds over the foreground restores each cell's full extent, processes included.
   Recovery is thresholds, one connected-components labelling and one watershed:
-  linear in the pixels, no iteration. From perfect maps it gives back AP@0.5 0.98 of
-  the synthetic truth on average over the styles, 0.91 for neurites (seeds from the
-  distance alone, without the boundary: 0.85-0.89 on spread and confluent cells, whose
-  irregular shapes have several lobes of high normalised distance).
+  linear in the pixels, no iteration. From perfect maps, made at the training scale and
+  resized back as the network's outputs are (:func:`metascreen.segment.train.perfect_maps_ap`),
+  it gives back AP@0.5 0.985 of the synthetic truth on average over the pretraining
+  styles, 0.95-0.97 for neurites (seeds from the distance alone, without the boundary:
+  0.85-0.89 on spread and confluent cells, whose irregular shapes have several lobes of
+  high normalised distance).
 
 Pure functions on numpy arrays.
 """

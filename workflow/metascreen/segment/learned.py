@@ -45,6 +45,7 @@ __all__ = [
     "load_segmenter",
     "segment_learned",
     "segment_with_network",
+    "smallest_cell_area",
 ]
 
 #: Equivalent cell diameter (px) that fields are resized to before the network.
@@ -163,8 +164,14 @@ def segment_with_network(
         tile_size=tile_size,
         augment=augment,
     )
-    min_area = max(int(min_area_fraction * np.pi / 4.0 * cell_diameter**2), 4)
+    min_area = smallest_cell_area(cell_diameter, min_area_fraction)
     return recover_instances(*maps, min_area=min_area, **thresholds)
+
+
+def smallest_cell_area(cell_diameter: float, min_area_fraction: float = 0.1) -> int:
+    """Area (px, at least 4) under which an object is dropped: ``min_area_fraction`` of the
+    area of a disc of ``cell_diameter``."""
+    return max(int(min_area_fraction * np.pi / 4.0 * cell_diameter**2), 4)
 
 
 def central_window(image: np.ndarray, size: int) -> np.ndarray:

@@ -46,7 +46,7 @@ from metascreen import styles
 from metascreen.annotations import Annotation, validation_split
 from metascreen.model import autocast_dtype, runtime_versions, select_device
 from metascreen.segment import learned
-from metascreen.segment.instances import equivalent_diameters, training_targets
+from metascreen.segment.instances import equivalent_diameters, recover_instances, training_targets
 from metascreen.segment.metrics import cells_centred_in, pooled_ap
 from metascreen.segment.network import UNet, load_network, save_network
 from metascreen.segment.tiling import normalize_percentile
@@ -58,6 +58,7 @@ __all__ = [
     "finetune",
     "median_diameter",
     "network_ap",
+    "perfect_maps_ap",
     "pretrain",
     "render_training_fields",
     "train_network",
@@ -464,6 +465,28 @@ def network_ap(
         if regions is not None:
             labels, predicted = (cells_centred_in(part, regions[index]) for part in (labels, predicted))
         pairs.append((labels, predicted))
+    return pooled_ap(pairs)
+
+
+def perfect_maps_ap(fields: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+    """AP@0.5 that a network predicting its training targets exactly would reach on
+    ``(image, labels)`` fields: the ceiling of the representation and of the recovery.
+
+    Each field's targets are made as in training (labels resized so that their median
+    cell reaches the training diameter, :func:`training_targets`), resized back to the
+    field's size as the network's outputs are (bilinear), and recovered as at inference
+    (:func:`~metascreen.segment.instances.recover_instances`, its default thresholds, the
+    smallest cell of :func:`~metascreen.segment.learned.segment_with_network`).
+    """
+    pairs = []
+    for _, labels in fields:
+        diameter = median_diameter(labels)
+        maps = torch.from_numpy(
+            np.stack(training_targets(_resize_nearest(labels, learned.TRAIN_DIAMETER / diameter)))
+        )
+        native = F.interpolate(maps[None], size=labels.shape, mode="bilinear", align_corners=False)[0]
+        recovered = recover_instances(*native.numpy(), min_area=learned.smallest_cell_area(diameter))
+        pairs.append((labels, recovered))
     return pooled_ap(pairs)
 
 
