@@ -24,7 +24,8 @@ The learned backend, with the shipped weights, against ``label_free``:
 * ``ap50_by_style_perfect_maps``: the ceiling of the learned backend's representation
   and cell recovery, per style on the same fields: the cells recovered from the training
   targets themselves, as from a network that predicted them exactly
-  (:func:`metascreen.segment.train.perfect_maps_ap`).
+  (:func:`metascreen.segment.train.perfect_maps_ap`); ``ap50_dsb_perfect_maps`` the same
+  on the DSB nuclei image.
 * ``diameter_estimate_ratio_by_style`` / ``ap50_by_style_auto``: the plate estimate of
   the cell diameter (``auto``: :func:`metascreen.segment.learned.estimate_cell_diameter`
   on the same fields, pooled) over the true median diameter, and AP@0.5 at that estimate.
@@ -96,6 +97,7 @@ def _dsb() -> dict[str, Any]:
             "ap50_dsb_learned": float("nan"),
             "ap50_dsb_learned_augmented": float("nan"),
             "errors_dsb_learned": None,
+            "ap50_dsb_perfect_maps": float("nan"),
             "dsb_estimated_diameter": float("nan"),
         }
     image = tifffile.imread(DSB / "img2d.tif")
@@ -110,6 +112,7 @@ def _dsb() -> dict[str, Any]:
         "ap50_dsb_learned": segment.pooled_ap([(truth, one_pass)]),
         "ap50_dsb_learned_augmented": segment.pooled_ap([(truth, augmented)]),
         "errors_dsb_learned": segment.error_types(truth, one_pass),
+        "ap50_dsb_perfect_maps": train.perfect_maps_ap([(image, truth)]),
         "dsb_estimated_diameter": estimate,
     }
 
