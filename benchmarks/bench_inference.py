@@ -61,7 +61,7 @@ def _write_crops(path: Path, rng: np.random.Generator) -> np.ndarray:
 def _write_model(path: Path) -> None:
     """An untrained default-size model with non-trivial BatchNorm statistics."""
     torch.manual_seed(0)
-    net = CellCNN(2, width=16, depth=3)
+    net = CellCNN(2)
     with torch.no_grad():
         net(torch.randn(64, 2, CROP_SIZE, CROP_SIZE))
     metadata = ModelMetadata(
@@ -69,8 +69,8 @@ def _write_model(path: Path) -> None:
         crop_size=CROP_SIZE,
         channels=["image", "mask"],
         normalisation=measure.CROP_NORMALISATION,
-        width=16,
-        depth=3,
+        width=net.width,
+        depth=net.depth,
         temperature=1.3,
     )
     save_model(path, net.eval(), metadata)

@@ -311,6 +311,25 @@ def test_augment_keeps_geometry_consistent_across_channels(toy: dict) -> None:
     assert torch.equal(batch[:, 0], batch[:, 1])
 
 
+def test_augment_gain_spans_half_to_double_about_the_background() -> None:
+    # A flat crop passes geometry, contrast, brightness and noise (all relative to the crop's
+    # own spread, here 0) unchanged, so what comes out is the gain alone.
+    flat = torch.ones(4000, 2, 16, 16)
+    flat[:, 1] = 0.0
+    out = augment(flat, torch.Generator().manual_seed(0))[:, 0]
+    gain = out.mean(dim=(1, 2))
+    assert torch.allclose(out, gain.view(-1, 1, 1).expand_as(out))
+    assert gain.min() >= 0.5 - 1e-6 and gain.max() <= 2.0 + 1e-6
+    assert gain.min() < 0.52 and gain.max() > 1.9
+    # log-uniform: as many crops dimmed as brightened, a quarter beyond each of 1/sqrt(2), sqrt(2)
+    log_gain = torch.log2(gain)
+    assert abs(float((log_gain < 0).float().mean()) - 0.5) < 0.03
+    assert abs(float((log_gain > 0.5).float().mean()) - 0.25) < 0.03
+    # the background (0 after the crops' normalisation) stays 0 whatever the gain
+    background = augment(torch.zeros(8, 2, 16, 16), torch.Generator().manual_seed(0))
+    assert torch.equal(background, torch.zeros_like(background))
+
+
 def test_augment_is_reproducible_and_handles_one_channel(toy: dict) -> None:
     batch = torch.from_numpy(toy["train_x"][:8])
     a = augment(batch, torch.Generator().manual_seed(1))

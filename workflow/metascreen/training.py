@@ -150,6 +150,9 @@ def _lost_wells_text(lost_wells: pd.DataFrame | None, label: int, wells_named: i
 
 # ------------------------------------------------------------------------ augmentation
 
+#: The intensity gain of :func:`augment` is drawn log-uniformly from [this, 1 / this].
+_SMALLEST_GAIN = 0.5
+
 
 def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random microscopy augmentations, the same geometry for all channels of a crop.
@@ -159,8 +162,12 @@ def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     ``grid_sample`` with border padding; channels 1.. (masks) are re-binarised at 0.5.
     Intensity (channel 0 only): contrast x[0.8, 1.2] around the crop mean, brightness
     shift of +-0.1 crop standard deviations, and Gaussian noise with a standard
-    deviation of up to 0.05 crop standard deviations. Relative-to-crop magnitudes keep
-    the augmentation independent of how crops were normalised.
+    deviation of up to 0.05 crop standard deviations; then a gain, log-uniform in
+    [0.5, 2], about 0, which the crops' normalisation makes the background level.
+    The gain is there because fields differ in how strongly their cells stand out
+    (illumination, condenser, phase ring, focus): with few training wells such a
+    difference can coincide with the classes, and the network would learn it instead
+    of the cells' shape and texture.
 
     Parameters
     ----------
@@ -207,6 +214,8 @@ def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     noise_sd = (0.05 * draw(n)).view(n, 1, 1)
     noise = torch.randn(image.shape, generator=generator, device=generator.device).to(batch.device)
     out[:, 0] = (image - mean) * contrast + mean + (brightness + noise_sd * noise) * std
+    gain = torch.exp(math.log(_SMALLEST_GAIN) * (1.0 - 2.0 * draw(n))).view(n, 1, 1)
+    out[:, 0] *= gain
     return out.to(batch.dtype)
 
 
@@ -261,7 +270,7 @@ def train_classifier(
     val_y: np.ndarray,
     *,
     width: int = 16,
-    depth: int = 3,
+    depth: int = 4,
     epochs: int = 20,
     batch_size: int = 64,
     learning_rate: float = 2e-3,
