@@ -87,9 +87,10 @@ class CellCNN(nn.Module):
     width : int, default 16
         Channels of the stem and first stage; stage ``i`` has ``width * 2**i``.
     depth : int, default 4
-        Number of stages. Each 3x3 layer of a stage widens what one output sees by twice
-        the stage's stride: four stages see 49 px, most of a 64 px crop and so a whole
-        elongated cell, where three see 25 px, too little to judge a cell's outline.
+        Number of stages. Each 3x3 layer widens what one output sees by twice the
+        spacing of its input's pixels (1 px in the stem, up to 8 px in stage 4): four
+        stages see 49 px, most of a 64 px crop and so a whole elongated cell, where three
+        see 25 px, too little to judge a cell's outline.
     """
 
     def __init__(self, in_channels: int, width: int = 16, depth: int = 4) -> None:
