@@ -474,7 +474,8 @@ def perfect_maps_ap(fields: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
 
     Each field's targets are made as in training (labels resized so that their median
     cell reaches the training diameter, :func:`training_targets`), resized back to the
-    field's size bilinearly as the network's outputs are, and recovered as at inference
+    field's size bilinearly (inference resizes the network's logits so; targets of 0
+    and 1 have no finite logits, so here the maps themselves), and recovered as at inference
     (:func:`~metascreen.segment.instances.recover_instances`, its default thresholds, the
     smallest cell of :func:`~metascreen.segment.learned.segment_with_network`).
     """
