@@ -13,6 +13,8 @@ import tifffile
 import torch
 from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels
+from torch import nn
+from torch.nn import functional as F
 
 from metascreen import cli, model, ngff, stages, styles, synth
 from metascreen.config import ConfigError, validate_config
@@ -152,6 +154,52 @@ def test_prediction_comes_back_at_the_field_size(factor: float, depth: int):
     network = UNet(base=4, depth=depth).eval()  # depth 4: tiles and margins in multiples of 16
     out = predict_tiled(network, np.zeros((123, 97), np.float32), factor=factor, tile_size=64, margin=20)
     assert out.shape == (3, 123, 97) and ((out >= 0) & (out <= 1)).all()
+
+
+def test_decoders_compute_the_convolution_of_the_upsampled_and_joined_features():
+    """The transposed convolution of the coarse features gives the outputs and gradients of
+    the textbook decoder: nearest x2 upsampling, concatenation with the skip connection,
+    3x3 convolution (borders included)."""
+    torch.manual_seed(0)
+    decoder = UNet(base=4, depth=2).decoders[1]  # 16 coarse + 8 skip channels -> 8
+    coarse = torch.randn(2, 16, 6, 10, requires_grad=True)
+    skip = torch.randn(2, 8, 12, 20, requires_grad=True)
+    upsampled = F.interpolate(coarse, scale_factor=2.0, mode="nearest")
+    textbook = nn.Sequential.forward(decoder, torch.cat([upsampled, skip], dim=1))
+    ours = decoder(coarse, skip)
+    torch.testing.assert_close(ours, textbook, rtol=0.0, atol=1e-5)
+    assert textbook.abs().max() > 0.5
+    weight = decoder[0].weight
+    inputs = (weight, coarse, skip)
+    expected = torch.autograd.grad(textbook.square().sum(), inputs)
+    got = torch.autograd.grad(ours.square().sum(), inputs)
+    for ours_gradient, textbook_gradient in zip(got, expected, strict=True):
+        torch.testing.assert_close(ours_gradient, textbook_gradient, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("depth", [1, 3, 4])
+def test_inference_copy_gives_the_training_network_s_outputs(depth: int):
+    """Batch norms folded into the convolutions change the arithmetic, not the outputs."""
+    torch.manual_seed(depth)
+    network = UNet(base=8, depth=depth)
+    for layer in network.modules():  # batch norms far from the identity, as after training
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.running_mean.uniform_(-1.0, 1.0)
+            layer.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(layer.weight, 0.5, 1.5)
+            nn.init.uniform_(layer.bias, -0.5, 0.5)
+    network.eval()
+    fused = network.fused()
+    assert not any(isinstance(layer, nn.BatchNorm2d) for layer in fused.modules())
+    x = torch.randn(2, 1, 48, 80)
+    with torch.inference_mode():
+        expected = network(x)
+        torch.testing.assert_close(fused(x), expected, rtol=0.0, atol=1e-5)
+        channels_last = fused.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(
+            channels_last(x.contiguous(memory_format=torch.channels_last)), expected, rtol=0.0, atol=1e-5
+        )
+    assert expected.abs().max() > 0.1  # not a trivially small output
 
 
 # ------------------------------------------------------------------ weights files and devices

@@ -32,15 +32,45 @@ __all__ = ["OUTPUTS", "UNet", "load_network", "save_network"]
 OUTPUTS: tuple[str, ...] = ("foreground", "distance", "boundary")
 
 
-def _block(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(
+def _block(in_channels: int, out_channels: int) -> list[nn.Module]:
+    return [
         nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
         nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
-    )
+    ]
+
+
+# Per axis, which taps of a 3x3 kernel (columns) reach each tap of a 4-tap transposed
+# kernel of stride 2 (rows) that reads the coarse features themselves: output pixel 2i sees
+# the upsampled pixels 2i-1, 2i, 2i+1, that is coarse i-1 (tap 3) and i twice (tap 1);
+# 2i+1 sees coarse i twice (tap 2) and i+1 (tap 0).
+_UPSAMPLED_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+class _Decoder(nn.Sequential):
+    """A decoder level: the coarser features upsampled (nearest, x2) and joined with the
+    encoder's skip connection, then two convolution blocks.
+
+    A 3x3 convolution of a nearest x2 upsampling reads only 2 x 2 distinct coarse pixels
+    per output pixel, so the part of the first convolution that reads the upsampled
+    features runs as a stride-2 transposed convolution of the coarse features, its kernel
+    made from the 3x3 one: the same outputs and gradients with 4/9 of the
+    multiplications, and neither the upsampled copy nor the concatenation is made.
+    """
+
+    def forward(self, coarse: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        first, *rest = self
+        weight, n_coarse = first.weight, coarse.shape[1]
+        taps = _UPSAMPLED_TAPS.to(weight)
+        transposed = torch.einsum("ay,oiyx,bx->ioab", taps, weight[:, :n_coarse], taps)
+        x = F.conv2d(skip, weight[:, n_coarse:], first.bias, padding=1)
+        x = x.add_(F.conv_transpose2d(coarse, transposed, stride=2, padding=1))
+        for layer in rest:
+            x = layer(x)
+        return x
 
 
 class UNet(nn.Module):
@@ -58,10 +88,13 @@ class UNet(nn.Module):
         self.config = {"base": base, "depth": depth}
         widths = [base * min(2**level, 4) for level in range(depth + 1)]
         self.encoders = nn.ModuleList(
-            [_block(1 if level == 0 else widths[level - 1], widths[level]) for level in range(depth + 1)]
+            [
+                nn.Sequential(*_block(1 if level == 0 else widths[level - 1], widths[level]))
+                for level in range(depth + 1)
+            ]
         )
         self.decoders = nn.ModuleList(
-            [_block(widths[level + 1] + widths[level], widths[level]) for level in range(depth)]
+            [_Decoder(*_block(widths[level + 1] + widths[level], widths[level])) for level in range(depth)]
         )
         self.head = nn.Conv2d(widths[0], len(OUTPUTS), 1)
 
@@ -78,8 +111,7 @@ class UNet(nn.Module):
             x = encoder(x)
             skips.append(x)
         for level in reversed(range(len(self.decoders))):
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-            x = self.decoders[level](torch.cat([x, skips[level]], dim=1))
+            x = self.decoders[level](x, skips[level])
         return self.head(x)
 
     def fused(self) -> UNet:
@@ -89,7 +121,7 @@ class UNet(nn.Module):
         fused.load_state_dict(self.state_dict())
         for blocks in (fused.encoders, fused.decoders):
             for index, (conv1, bn1, relu1, conv2, bn2, relu2) in enumerate(blocks):
-                blocks[index] = nn.Sequential(
+                blocks[index] = type(blocks[index])(
                     fuse_conv_bn_eval(conv1, bn1), relu1, fuse_conv_bn_eval(conv2, bn2), relu2
                 )
         return fused
