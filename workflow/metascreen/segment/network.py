@@ -67,7 +67,7 @@ class _Decoder(nn.Sequential):
         taps = _UPSAMPLED_TAPS.to(weight)
         transposed = torch.einsum("ay,oiyx,bx->ioab", taps, weight[:, :n_coarse], taps)
         x = F.conv2d(skip, weight[:, n_coarse:], first.bias, padding=1)
-        x = x.add_(F.conv_transpose2d(coarse, transposed, stride=2, padding=1))
+        x.add_(F.conv_transpose2d(coarse, transposed, stride=2, padding=1))
         for layer in rest:
             x = layer(x)
         return x
