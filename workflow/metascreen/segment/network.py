@@ -61,11 +61,15 @@ class _Decoder(nn.Sequential):
     multiplications, and neither the upsampled copy nor the concatenation is made.
     """
 
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__(*layers)
+        # a buffer moves with the module (no host-to-GPU copy per pass); not saved in weights files
+        self.register_buffer("taps", _UPSAMPLED_TAPS.clone(), persistent=False)
+
     def forward(self, coarse: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         first, *rest = self
         weight, n_coarse = first.weight, coarse.shape[1]
-        taps = _UPSAMPLED_TAPS.to(weight)
-        transposed = torch.einsum("ay,oiyx,bx->ioab", taps, weight[:, :n_coarse], taps)
+        transposed = torch.einsum("ay,oiyx,bx->ioab", self.taps, weight[:, :n_coarse], self.taps)
         x = F.conv2d(skip, weight[:, n_coarse:], first.bias, padding=1)
         x.add_(F.conv_transpose2d(coarse, transposed, stride=2, padding=1))
         for layer in rest:
