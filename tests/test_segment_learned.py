@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -263,6 +264,35 @@ def test_training_is_deterministic_for_a_seed():
     assert not all(torch.equal(first[name], other[name]) for name in first)
 
 
+def test_a_killed_training_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch):
+    fields = render_training_fields(["phase_round", "demo_plate"], 1, (96, 96), seed=0)
+    settings = replace(tiny_settings(0), steps=5)
+    straight = train_network(fields, settings, device="cpu", progress_every=0).state_dict()
+
+    checkpoint = train.Checkpoint(tmp_path / "run.checkpoint.pt", every=2)
+    augment, calls = train._intensity, []
+
+    def killed_at_step_4(rng, x):
+        calls.append(None)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # as a job's time limit would, after the checkpoint of step 2
+        return augment(rng, x)
+
+    monkeypatch.setattr(train, "_intensity", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_network(fields, settings, device="cpu", progress_every=0, checkpoint=checkpoint)
+    monkeypatch.setattr(train, "_intensity", augment)
+    assert torch.load(checkpoint.path, weights_only=True)["step"] == 2
+    resumed = train_network(fields, settings, device="cpu", progress_every=0, checkpoint=checkpoint)
+    assert checkpoint.resumed_from_step == 2 and checkpoint.earlier_seconds > 0.0
+    assert all(torch.equal(straight[name], resumed.state_dict()[name]) for name in straight)
+    assert torch.load(checkpoint.path, weights_only=True)["step"] == 5  # the last step is saved too
+
+    # a checkpoint of another run (here another seed) is refused, not silently mixed in
+    with pytest.raises(ValueError, match="checkpoint of another training run"):
+        train_network(fields, tiny_settings(1), device="cpu", progress_every=0, checkpoint=checkpoint)
+
+
 def test_grain_is_faint_correlated_noise_over_the_whole_crop():
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -421,6 +451,8 @@ def test_pretraining_builds_the_width_asked_and_records_the_command_that_repeats
     assert metadata["command"] == "metascreen pretrain-segmenter " + " ".join(options)
     assert list(metadata["ap50_by_style"]) == ["demo_plate"]
     assert metadata["settings"]["steps"] == 2 and metadata["data_seed"] == 3
+    # the run's last state was checkpointed, and the checkpoint removed once the weights were written
+    assert "resumed_at_step" not in metadata and not out.with_suffix(".checkpoint.pt").exists()
 
 
 def _largest_difference(one: UNet, other: UNet) -> float:

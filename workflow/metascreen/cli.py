@@ -45,6 +45,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     """An argparse type: a number above 0."""
     value = float(text)
@@ -127,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
             },
         ),
         ("--styles", {"nargs": "+", "help": "style names (default: all but the held-out ones)"}),
+        (
+            "--checkpoint-every",
+            {
+                "type": _non_negative_int,
+                "default": 500,
+                "help": "save the training state beside --out every N steps (0: never); the same command "
+                "run again resumes from it",
+            },
+        ),
         ("--device", {"default": "auto", "help": "auto (CUDA when available), cpu or cuda"}),
         ("--threads", {"type": int, "default": 2, "help": "CPU threads of torch"}),
     )
@@ -436,8 +453,16 @@ def _pretrain_segmenter(a: argparse.Namespace) -> None:
             raise configuration.ConfigError("--base-channels cannot change the width of the --init network")
         settings = dataclasses.replace(settings, base_channels=a.base_channels)
     try:
-        metadata = train.pretrain(out, style_names=a.styles, settings=settings, device=a.device, init=a.init)
-    except (FileNotFoundError, ValueError) as error:  # a missing or foreign --init file, an unknown style
+        metadata = train.pretrain(
+            out,
+            style_names=a.styles,
+            settings=settings,
+            device=a.device,
+            init=a.init,
+            checkpoint_every=a.checkpoint_every,
+        )
+    # a missing or foreign --init file, a checkpoint of another run, an unknown style
+    except (FileNotFoundError, ValueError) as error:
         raise configuration.ConfigError(str(error)) from error
     print(f"segmenter weights written to {out} (metadata: {Path(out).with_suffix('.json')})")
     for style, ap in metadata["ap50_by_style"].items():

@@ -30,7 +30,9 @@ the annotated part of each field, and scores it on a held-out part before and af
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -53,6 +55,7 @@ from metascreen.segment.tiling import normalize_percentile
 
 __all__ = [
     "FINETUNE_SETTINGS",
+    "Checkpoint",
     "TrainingSettings",
     "evaluate_styles",
     "finetune",
@@ -88,6 +91,23 @@ class TrainingSettings:
 
 #: Fine-tuning from the shipped weights on a few annotated fields: a few minutes on 2 cores.
 FINETUNE_SETTINGS = TrainingSettings(steps=500, learning_rate=1e-3)
+
+
+@dataclass
+class Checkpoint:
+    """Where :func:`train_network` saves its whole state every ``every`` steps, and
+    resumes from when the file is there: a run killed by a job's time limit goes on
+    from its last checkpoint, and ends with the weights an uninterrupted run gives
+    (on CPU, where training is deterministic).
+
+    ``resumed_from_step`` and ``earlier_seconds`` are filled in by
+    :func:`train_network`: the step the file held and the training seconds before it.
+    """
+
+    path: Path
+    every: int = 500
+    resumed_from_step: int = 0
+    earlier_seconds: float = 0.0
 
 
 def median_diameter(labels: np.ndarray) -> float:
@@ -283,17 +303,23 @@ def train_network(
     network: UNet | None = None,
     regions: Sequence[np.ndarray] | None = None,
     progress_every: int = 100,
+    checkpoint: Checkpoint | None = None,
 ) -> UNet:
     """Train (or, given ``network``, fine-tune) the U-Net on ``(style, image, labels)`` fields.
 
     ``regions`` (one boolean map per field) restricts the loss to the annotated part of
-    each field. Returns the network in eval mode on the CPU.
+    each field. With ``checkpoint``, the run saves its state there every
+    ``checkpoint.every`` steps and resumes from the file if it exists; a file of another
+    run (other settings, fields or initial weights) raises ValueError. Returns the network
+    in eval mode on the CPU.
     """
     target = select_device(device)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     pool = _Pool(fields, settings.crop, regions)
-    network = (network or UNet(settings.base_channels, settings.depth)).to(target).train()
+    network = network or UNet(settings.base_channels, settings.depth)
+    run = _run_fingerprint(settings, fields, regions, network) if checkpoint is not None else ""
+    network = network.to(target).train()
     network = network.to(memory_format=torch.channels_last)  # ~20 % faster convolutions
     optimizer = torch.optim.AdamW(
         network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
@@ -301,16 +327,23 @@ def train_network(
     warmup = max(settings.steps // 20, 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: min((step + 1) / warmup, 0.5 * (1.0 + np.cos(np.pi * min(step / settings.steps, 1.0)))),
+        # a Python float, not a numpy one, so that the schedule's state loads as plain data
+        lambda step: float(
+            min((step + 1) / warmup, 0.5 * (1.0 + np.cos(np.pi * min(step / settings.steps, 1.0))))
+        ),
     )
     amp_dtype = autocast_dtype(target, cpu=True)
     scaler = torch.amp.GradScaler(target.type, enabled=amp_dtype == torch.float16)
+    parts = {"network": network, "optimizer": optimizer, "schedule": schedule, "scaler": scaler}
+    first_step = 1
+    if checkpoint is not None and checkpoint.path.exists():
+        first_step = _resume(checkpoint, run, parts, rng) + 1
     # deterministic kernels on CPU for this run only: the process's setting is restored
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic or target.type == "cpu")
     try:
         start, running = time.perf_counter(), 0.0
-        for step in range(1, settings.steps + 1):
+        for step in range(first_step, settings.steps + 1):
             x, y = pool.batch(rng, settings.batch_size, settings.crop)
             if rng.random() < 0.5:
                 x, y = _elastic(rng, x, y)
@@ -335,9 +368,59 @@ def train_network(
                     time.perf_counter() - start,
                 )
                 running = 0.0
+            if checkpoint is not None and (step % checkpoint.every == 0 or step == settings.steps):
+                seconds = checkpoint.earlier_seconds + time.perf_counter() - start
+                _save_checkpoint(checkpoint.path, run, step, seconds, parts, rng)
     finally:
         torch.use_deterministic_algorithms(deterministic)
     return network.eval().cpu()
+
+
+def _run_fingerprint(
+    settings: TrainingSettings,
+    fields: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    regions: Sequence[np.ndarray] | None,
+    network: UNet,
+) -> str:
+    """SHA-256 of what decides a training run: settings, fields, regions, initial weights."""
+    digest = hashlib.sha256(json.dumps(settings.__dict__, sort_keys=True).encode())
+    digest.update(_fields_hash(fields).encode())
+    for region in regions or ():
+        digest.update(np.packbits(np.asarray(region, bool)).tobytes())
+    for name, tensor in network.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _save_checkpoint(
+    path: Path, run: str, step: int, seconds: float, parts: dict[str, Any], rng: np.random.Generator
+) -> None:
+    """Write the training state atomically: a kill while writing leaves the last checkpoint whole."""
+    state = {name: part.state_dict() for name, part in parts.items()}
+    state.update(run=run, step=step, seconds=seconds, rng=json.dumps(rng.bit_generator.state))
+    state["torch_rng"] = torch.get_rng_state()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def _resume(checkpoint: Checkpoint, run: str, parts: dict[str, Any], rng: np.random.Generator) -> int:
+    """Load the checkpoint's state into ``parts`` and ``rng``; return its step."""
+    state = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
+    if state["run"] != run:
+        raise ValueError(
+            f"{checkpoint.path} is the checkpoint of another training run (other settings, training "
+            "fields or initial weights); remove it to start this run afresh"
+        )
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    rng.bit_generator.state = json.loads(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    checkpoint.resumed_from_step, checkpoint.earlier_seconds = int(state["step"]), float(state["seconds"])
+    log.info("resumed from %s at step %d", checkpoint.path, checkpoint.resumed_from_step)
+    return checkpoint.resumed_from_step
 
 
 def evaluate_styles(
@@ -394,6 +477,7 @@ def pretrain(
     device: str = "auto",
     eval_fields_per_style: int = 4,
     init: str | Path | None = None,
+    checkpoint_every: int = 500,
 ) -> dict[str, Any]:
     """Train on the synthetic world, write weights + metadata to ``out``, and return the
     metadata (styles, seeds, data hash, settings, AP per held-out-seed style, versions,
@@ -403,6 +487,11 @@ def pretrain(
     a warm restart of the learning-rate schedule that trains a network longer, on fields of
     ``settings.seed``. The architecture is then the initial network's, and the metadata keeps
     that run's own under ``init`` (with its file's SHA-256), so every stage can be repeated.
+
+    Every ``checkpoint_every`` steps (0: never) the training state is saved beside ``out``
+    (``<out stem>.checkpoint.pt``, a :class:`Checkpoint`); the same command run again after
+    a crash or a job's time limit resumes from it, and the file is removed once the weights
+    and their metadata are written.
     """
     style_names = list(style_names or styles.STYLE_NAMES)
     target = select_device(device)
@@ -417,9 +506,10 @@ def pretrain(
         style_names, settings.fields_per_style, settings.field_shape, settings.seed
     )
     log.info("rendered %d training fields of %d styles", len(fields), len(style_names))
-    network = train_network(fields, settings, device=device, network=initial)
-    train_seconds = time.perf_counter() - started
     out = Path(out)
+    checkpoint = Checkpoint(out.with_suffix(".checkpoint.pt"), checkpoint_every) if checkpoint_every else None
+    network = train_network(fields, settings, device=device, network=initial, checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - started + (checkpoint.earlier_seconds if checkpoint else 0.0)
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata: dict[str, Any] = {
         "styles": style_names,
@@ -437,6 +527,8 @@ def pretrain(
     }
     if init_metadata is not None:
         metadata["init"] = init_metadata
+    if checkpoint is not None and checkpoint.resumed_from_step:
+        metadata["resumed_at_step"] = checkpoint.resumed_from_step
     save_network(network, out, metadata)
     learned.load_segmenter.cache_clear()
     metadata["ap50_by_style"] = evaluate_styles(
@@ -444,6 +536,8 @@ def pretrain(
     )
     save_network(network, out, metadata)
     learned.load_segmenter.cache_clear()
+    if checkpoint is not None:
+        checkpoint.path.unlink(missing_ok=True)
     return metadata
 
 
