@@ -49,7 +49,9 @@ bench: setup
 
 # Retrain the shipped segmentation weights from scratch on the synthetic world (deterministic for
 # the seed on CPU; 50 min on 2 Intel AMX cores for the shipped ones; not yet timed on a GPU, see
-# `python -m benchmarks gpu`). Writes workflow/metascreen/segment/weights/.
+# `python -m benchmarks gpu`; about 2 h by its step time on 2 AMD Zen 2 cores in float32). Writes
+# workflow/metascreen/segment/weights/; run again after an interruption, it resumes from its last
+# checkpoint (every 500 steps).
 SEGMENTER_SEED ?= 0
 pretrain-segmenter: setup
 	$(RUN) metascreen pretrain-segmenter --seed $(SEGMENTER_SEED)
