@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -293,6 +294,32 @@ def test_a_killed_training_run_resumes_from_its_checkpoint_to_the_same_weights(t
         train_network(fields, tiny_settings(1), device="cpu", progress_every=0, checkpoint=checkpoint)
 
 
+def test_distillation_targets_are_the_teacher_s_share_of_its_outputs_plus_the_truth_s(tmp_path):
+    fields = render_training_fields(["phase_round", "demo_plate"], 1, (96, 96), seed=0)
+    torch.manual_seed(0)
+    teacher = UNet(4, 2).fused()
+    truth = train._Pool(fields, 64)
+    for weight in (0.0, 0.3, 1.0):
+        taught = train._Pool(fields, 64, teacher=teacher, teacher_weight=weight)
+        for image, target, own in zip(truth.images, truth.targets, taught.targets, strict=True):
+            outputs = predict_tiled(teacher, image)
+            assert own.shape == target.shape == outputs.shape
+            np.testing.assert_allclose(own, weight * outputs + (1.0 - weight) * target, atol=1e-6)
+            # an untrained teacher's outputs are nothing like the truth: the blend moves with the weight
+            moved, apart = np.abs(own - target).mean(), np.abs(outputs - target).mean()
+            assert moved == pytest.approx(weight * apart, rel=1e-4) and apart > 0.1
+
+    settings = replace(tiny_settings(0), steps=2)
+    checkpoint = train.Checkpoint(tmp_path / "run.checkpoint.pt", every=2)
+    train_network(fields, settings, device="cpu", progress_every=0, checkpoint=checkpoint, teacher=teacher)
+    # the same run with another teacher's share, or none, is another run
+    for other in ({"teacher": teacher, "teacher_weight": 0.7}, {}):
+        with pytest.raises(ValueError, match="checkpoint of another training run"):
+            train_network(fields, settings, device="cpu", progress_every=0, checkpoint=checkpoint, **other)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\], not 1.5"):
+        train_network(fields, settings, device="cpu", progress_every=0, teacher=teacher, teacher_weight=1.5)
+
+
 def test_grain_is_faint_correlated_noise_over_the_whole_crop():
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -460,11 +487,23 @@ def _largest_difference(one: UNet, other: UNet) -> float:
     return max((a - b).abs().max().item() for a, b in pairs)
 
 
-def test_pretraining_from_init_weights_trains_them_longer_and_records_both_runs(tmp_path, capsys):
-    first, longer = tmp_path / "first.safetensors", tmp_path / "longer.safetensors"
-    common = ["--styles", "demo_plate", "--device", "cpu", "--threads", str(torch.get_num_threads())]
-    assert cli.main(["pretrain-segmenter", "--out", str(first), "--seed", "3", "--steps", "2",
-                     "--base-channels", "8", *common]) == 0  # fmt: skip
+def _demo_style_on_cpu() -> list[str]:
+    """Pretraining options: the demo plate's style only, on the CPU, with the test's torch threads."""
+    return ["--styles", "demo_plate", "--device", "cpu", "--threads", str(torch.get_num_threads())]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> Path:
+    """Weights of a 2-step, 8-channel pretraining (seed 3) on the demo plate's style."""
+    out = tmp_path_factory.mktemp("first_run") / "first.safetensors"
+    options = ["--out", str(out), "--seed", "3", "--steps", "2", "--base-channels", "8"]
+    assert cli.main(["pretrain-segmenter", *options, *_demo_style_on_cpu()]) == 0
+    return out
+
+
+def test_pretraining_from_init_weights_trains_them_longer_and_records_both_runs(first_run, tmp_path, capsys):
+    first, longer = first_run, tmp_path / "longer.safetensors"
+    common = _demo_style_on_cpu()
     options = ["--seed", "4", "--steps", "3", "--learning-rate", "0.001", "--init", str(first)]
     assert cli.main(["pretrain-segmenter", "--out", str(longer), *options, *common]) == 0
     start, first_metadata = load_network(first, fuse=False)
@@ -492,6 +531,33 @@ def test_pretraining_from_init_weights_trains_them_longer_and_records_both_runs(
     unknown = ["pretrain-segmenter", "--out", str(longer), "--styles", "no_such_style", "--device", "cpu"]
     assert cli.main(unknown) == 1
     assert "unknown style 'no_such_style'" in capsys.readouterr().err
+
+
+def test_pretraining_with_a_teacher_records_it_and_refuses_one_of_another_scale(first_run, tmp_path, capsys):
+    teacher, student = first_run, tmp_path / "student.safetensors"
+    common = _demo_style_on_cpu()
+    options = ["--seed", "4", "--steps", "2", "--base-channels", "4", "--teacher", str(teacher)]
+    distil = ["pretrain-segmenter", "--out", str(student), *options, "--teacher-weight", "0.25"]
+    assert cli.main([*distil, *common]) == 0
+    network, metadata = load_network(student)
+    assert network.config == {"base": 4, "depth": 3}
+    assert metadata["command"] == "metascreen pretrain-segmenter --seed 4 --steps 2 --base-channels 4 " + (
+        f"--teacher {teacher} --teacher-weight 0.25 --styles demo_plate"
+    )
+    recorded = load_network(teacher)[1]
+    assert metadata["teacher"]["command"] == recorded["command"] and metadata["teacher"]["weight"] == 0.25
+    assert metadata["teacher"]["sha256"] == hashlib.sha256(teacher.read_bytes()).hexdigest()
+    assert metadata["teacher"]["architecture"] == {"base": 8, "depth": 3}
+
+    capsys.readouterr()
+    other_scale = tmp_path / "other_scale.safetensors"
+    save_network(UNet(4, 2), other_scale, {"train_diameter": learned.TRAIN_DIAMETER + 10})
+    refused = ["pretrain-segmenter", "--out", str(student), "--teacher", str(other_scale)]
+    assert cli.main([*refused, *common]) == 1
+    assert "trained at a cell diameter of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["pretrain-segmenter", "--teacher", str(teacher), "--teacher-weight", "2"])
+    assert "must be a number from 0 to 1, got 2" in capsys.readouterr().err
 
 
 def test_learned_backend_beats_label_free_on_unseen_phase_contrast():

@@ -61,6 +61,14 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metascreen", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
                 "help": "go on training these weights (a warm restart of the learning-rate schedule, "
                 "on the fields of --seed) instead of starting from scratch; their architecture is kept",
             },
+        ),
+        (
+            "--teacher",
+            {
+                "type": Path,
+                "default": None,
+                "help": "distil these weights (usually a wider network's) into the one trained: its "
+                "targets are --teacher-weight times their outputs plus the rest of the truth",
+            },
+        ),
+        (
+            "--teacher-weight",
+            {"type": _fraction, "default": 0.5, "help": "the teacher's share of the targets, from 0 to 1"},
         ),
         ("--styles", {"nargs": "+", "help": "style names (default: all but the held-out ones)"}),
         (
@@ -459,9 +480,11 @@ def _pretrain_segmenter(a: argparse.Namespace) -> None:
             settings=settings,
             device=a.device,
             init=a.init,
+            teacher=a.teacher,
+            teacher_weight=a.teacher_weight,
             checkpoint_every=a.checkpoint_every,
         )
-    # a missing or foreign --init file, a checkpoint of another run, an unknown style
+    # a missing or foreign --init or --teacher file, a checkpoint of another run, an unknown style
     except (FileNotFoundError, ValueError) as error:
         raise configuration.ConfigError(str(error)) from error
     print(f"segmenter weights written to {out} (metadata: {Path(out).with_suffix('.json')})")

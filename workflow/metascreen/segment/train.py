@@ -22,6 +22,10 @@ deterministic algorithms). On CUDA, and on CPUs with native bfloat16 arithmetic 
 AVX512-BF16: about twice as fast), the network is trained in bfloat16 autocast
 (:func:`metascreen.model.autocast_dtype`).
 
+Distillation (``teacher``): a network too slow to ship (a wider one) teaches the shipped
+width. Its outputs on each whole training field are blended into the targets, so the
+small network learns the teacher's soft maps along with the truth.
+
 :func:`finetune` adapts the trained network to a user's own annotated fields
 (:mod:`metascreen.annotations`) with the same augmentation and loss, the loss restricted to
 the annotated part of each field, and scores it on a held-out part before and after.
@@ -51,7 +55,7 @@ from metascreen.segment import learned
 from metascreen.segment.instances import equivalent_diameters, recover_instances, training_targets
 from metascreen.segment.metrics import cells_centred_in, pooled_ap
 from metascreen.segment.network import UNet, load_network, save_network
-from metascreen.segment.tiling import normalize_percentile
+from metascreen.segment.tiling import normalize_percentile, predict_tiled
 
 __all__ = [
     "FINETUNE_SETTINGS",
@@ -165,7 +169,9 @@ class _Pool:
 
     With ``regions`` (one boolean map per field, True where it was annotated) the
     targets get a fourth channel, the loss weight (1 inside, 0 outside), and crops are
-    centred on annotated pixels.
+    centred on annotated pixels. With a ``teacher`` network, each field's three maps are
+    ``teacher_weight`` times the teacher's outputs on the whole field plus the rest of
+    the truth's (distillation: soft targets that carry what a larger network learned).
     """
 
     def __init__(
@@ -173,6 +179,9 @@ class _Pool:
         fields: Sequence[tuple[str, np.ndarray, np.ndarray]],
         crop: int,
         regions: Sequence[np.ndarray] | None = None,
+        teacher: UNet | None = None,
+        teacher_weight: float = 0.5,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.images, self.targets, self.annotated = [], [], []
         for index, (_, image, labels) in enumerate(fields):
@@ -182,6 +191,9 @@ class _Pool:
             image, labels = np.pad(image, pad, mode="reflect"), np.pad(labels, pad, mode="reflect")
             self.images.append(image.astype(np.float32))
             maps = list(training_targets(labels))
+            if teacher is not None:
+                taught = predict_tiled(teacher, self.images[-1], device=device)
+                maps = list(teacher_weight * taught + (1.0 - teacher_weight) * np.stack(maps))
             if regions is not None:
                 region = np.pad(_resize_nearest(regions[index], factor), pad, mode="constant")
                 self.annotated.append(np.flatnonzero(region))
@@ -304,21 +316,32 @@ def train_network(
     regions: Sequence[np.ndarray] | None = None,
     progress_every: int = 100,
     checkpoint: Checkpoint | None = None,
+    teacher: UNet | None = None,
+    teacher_weight: float = 0.5,
 ) -> UNet:
     """Train (or, given ``network``, fine-tune) the U-Net on ``(style, image, labels)`` fields.
 
     ``regions`` (one boolean map per field) restricts the loss to the annotated part of
-    each field. With ``checkpoint``, the run saves its state there every
+    each field. ``teacher`` (a trained network, usually a wider one) distils into this
+    one: the targets become ``teacher_weight`` times its outputs plus the rest of the
+    truth's. With ``checkpoint``, the run saves its state there every
     ``checkpoint.every`` steps and resumes from the file if it exists; a file of another
-    run (other settings, fields or initial weights) raises ValueError. Returns the network
-    in eval mode on the CPU.
+    run (other settings, fields, initial weights or teacher) raises ValueError. Returns
+    the network in eval mode on the CPU.
     """
+    if not 0.0 <= teacher_weight <= 1.0:
+        raise ValueError(f"the teacher's weight must lie in [0, 1], not {teacher_weight}")
     target = select_device(device)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    pool = _Pool(fields, settings.crop, regions)
+    if teacher is not None:
+        teacher = teacher.to(target)
+    pool = _Pool(fields, settings.crop, regions, teacher, teacher_weight, target)
     network = network or UNet(settings.base_channels, settings.depth)
-    run = _run_fingerprint(settings, fields, regions, network) if checkpoint is not None else ""
+    run = ""
+    if checkpoint is not None:
+        taught = None if teacher is None else (teacher, teacher_weight)
+        run = _run_fingerprint(settings, fields, regions, network, taught)
     network = network.to(target).train()
     network = network.to(memory_format=torch.channels_last)  # ~20 % faster convolutions
     optimizer = torch.optim.AdamW(
@@ -381,15 +404,22 @@ def _run_fingerprint(
     fields: Sequence[tuple[str, np.ndarray, np.ndarray]],
     regions: Sequence[np.ndarray] | None,
     network: UNet,
+    teacher: tuple[UNet, float] | None = None,
 ) -> str:
-    """SHA-256 of what decides a training run: settings, fields, regions, initial weights."""
+    """SHA-256 of what decides a training run: settings, fields, regions, initial weights,
+    and the teacher's weights and share of the targets."""
     digest = hashlib.sha256(json.dumps(settings.__dict__, sort_keys=True).encode())
     digest.update(_fields_hash(fields).encode())
     for region in regions or ():
         digest.update(np.packbits(np.asarray(region, bool)).tobytes())
-    for name, tensor in network.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    networks = [network]
+    if teacher is not None:
+        networks.append(teacher[0])
+        digest.update(f"teacher weight {teacher[1]!r}".encode())
+    for one in networks:
+        for name, tensor in one.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -454,7 +484,11 @@ def evaluate_styles(
 
 
 def _pretrain_command(
-    settings: TrainingSettings, style_names: Sequence[str], init: str | Path | None = None
+    settings: TrainingSettings,
+    style_names: Sequence[str],
+    init: str | Path | None = None,
+    teacher: str | Path | None = None,
+    teacher_weight: float = 0.5,
 ) -> str:
     """The ``metascreen`` command line that repeats a pretraining run."""
     words = [f"metascreen pretrain-segmenter --seed {settings.seed} --steps {settings.steps}"]
@@ -464,6 +498,8 @@ def _pretrain_command(
         words.append(f"--init {init}")
     elif settings.base_channels != TrainingSettings.base_channels:
         words.append(f"--base-channels {settings.base_channels}")
+    if teacher is not None:
+        words.append(f"--teacher {teacher} --teacher-weight {teacher_weight:g}")
     if list(style_names) != list(styles.STYLE_NAMES):
         words.append("--styles " + " ".join(style_names))
     return " ".join(words)
@@ -477,6 +513,8 @@ def pretrain(
     device: str = "auto",
     eval_fields_per_style: int = 4,
     init: str | Path | None = None,
+    teacher: str | Path | None = None,
+    teacher_weight: float = 0.5,
     checkpoint_every: int = 500,
 ) -> dict[str, Any]:
     """Train on the synthetic world, write weights + metadata to ``out``, and return the
@@ -487,6 +525,11 @@ def pretrain(
     a warm restart of the learning-rate schedule that trains a network longer, on fields of
     ``settings.seed``. The architecture is then the initial network's, and the metadata keeps
     that run's own under ``init`` (with its file's SHA-256), so every stage can be repeated.
+
+    Given ``teacher`` (a weights file, usually of a wider network too slow to ship), the
+    network learns from ``teacher_weight`` times its outputs plus the rest of the truth
+    (:func:`train_network`); the metadata keeps the teacher's own under ``teacher``, with
+    its file's SHA-256 and that weight.
 
     Every ``checkpoint_every`` steps (0: never) the training state is saved beside ``out``
     (``<out stem>.checkpoint.pt``, a :class:`Checkpoint`); the same command run again after
@@ -501,6 +544,17 @@ def pretrain(
         architecture = init_metadata.pop("architecture")
         settings = replace(settings, base_channels=architecture["base"], depth=architecture["depth"])
         init_metadata["sha256"] = hashlib.sha256(Path(init).read_bytes()).hexdigest()
+    teacher_network, teacher_metadata = None, None
+    if teacher is not None:
+        teacher_network, teacher_metadata = load_network(teacher, "cpu")
+        if teacher_metadata.get("train_diameter") != learned.TRAIN_DIAMETER:
+            raise ValueError(
+                f"{teacher} was trained at a cell diameter of {teacher_metadata.get('train_diameter')} px, "
+                f"not this version's {learned.TRAIN_DIAMETER}: its outputs would not fit the targets"
+            )
+        teacher_metadata.update(
+            sha256=hashlib.sha256(Path(teacher).read_bytes()).hexdigest(), weight=teacher_weight
+        )
     started = time.perf_counter()
     fields = render_training_fields(
         style_names, settings.fields_per_style, settings.field_shape, settings.seed
@@ -508,7 +562,15 @@ def pretrain(
     log.info("rendered %d training fields of %d styles", len(fields), len(style_names))
     out = Path(out)
     checkpoint = Checkpoint(out.with_suffix(".checkpoint.pt"), checkpoint_every) if checkpoint_every else None
-    network = train_network(fields, settings, device=device, network=initial, checkpoint=checkpoint)
+    network = train_network(
+        fields,
+        settings,
+        device=device,
+        network=initial,
+        checkpoint=checkpoint,
+        teacher=teacher_network,
+        teacher_weight=teacher_weight,
+    )
     train_seconds = time.perf_counter() - started + (checkpoint.earlier_seconds if checkpoint else 0.0)
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata: dict[str, Any] = {
@@ -523,10 +585,12 @@ def pretrain(
         "mixed_precision": str(autocast_dtype(target, cpu=True) or torch.float32).removeprefix("torch."),
         "versions": runtime_versions(),
         "torch_threads": torch.get_num_threads(),
-        "command": _pretrain_command(settings, style_names, init),
+        "command": _pretrain_command(settings, style_names, init, teacher, teacher_weight),
     }
     if init_metadata is not None:
         metadata["init"] = init_metadata
+    if teacher_metadata is not None:
+        metadata["teacher"] = teacher_metadata
     if checkpoint is not None and checkpoint.resumed_from_step:
         metadata["resumed_at_step"] = checkpoint.resumed_from_step
     save_network(network, out, metadata)
