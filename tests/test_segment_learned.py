@@ -533,7 +533,9 @@ def test_pretraining_from_init_weights_trains_them_longer_and_records_both_runs(
     assert "unknown style 'no_such_style'" in capsys.readouterr().err
 
 
-def test_pretraining_with_a_teacher_records_it_and_refuses_one_of_another_scale(first_run, tmp_path, capsys):
+def test_pretraining_with_a_teacher_records_it_and_refuses_one_of_another_scale(
+    first_run, tmp_path, capsys, monkeypatch
+):
     teacher, student = first_run, tmp_path / "student.safetensors"
     common = _demo_style_on_cpu()
     options = ["--seed", "4", "--steps", "2", "--base-channels", "4", "--teacher", str(teacher)]
@@ -558,6 +560,10 @@ def test_pretraining_with_a_teacher_records_it_and_refuses_one_of_another_scale(
     with pytest.raises(SystemExit):
         cli.main(["pretrain-segmenter", "--teacher", str(teacher), "--teacher-weight", "2"])
     assert "must be a number from 0 to 1, got 2" in capsys.readouterr().err
+    # from Python too, before the minutes of rendering the training fields
+    monkeypatch.setattr(train, "render_training_fields", lambda *args: pytest.fail("rendered first"))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\], not 1.5"):
+        train.pretrain(student, teacher=teacher, teacher_weight=1.5)
 
 
 def test_learned_backend_beats_label_free_on_unseen_phase_contrast():

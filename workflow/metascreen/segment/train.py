@@ -50,7 +50,7 @@ from torch.nn import functional as F
 
 from metascreen import styles
 from metascreen.annotations import Annotation, validation_split
-from metascreen.model import autocast_dtype, runtime_versions, select_device
+from metascreen.model import autocast_dtype, file_sha256, runtime_versions, select_device
 from metascreen.segment import learned
 from metascreen.segment.instances import equivalent_diameters, recover_instances, training_targets
 from metascreen.segment.metrics import cells_centred_in, pooled_ap
@@ -307,6 +307,11 @@ def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return weighted(0) + 2.0 * weighted(1) + weighted(2, pos_weight=pos_weight)
 
 
+def _check_teacher_weight(teacher_weight: float) -> None:
+    if not 0.0 <= teacher_weight <= 1.0:
+        raise ValueError(f"the teacher's weight must lie in [0, 1], not {teacher_weight}")
+
+
 def train_network(
     fields: Sequence[tuple[str, np.ndarray, np.ndarray]],
     settings: TrainingSettings,
@@ -329,8 +334,7 @@ def train_network(
     run (other settings, fields, initial weights or teacher) raises ValueError. Returns
     the network in eval mode on the CPU.
     """
-    if not 0.0 <= teacher_weight <= 1.0:
-        raise ValueError(f"the teacher's weight must lie in [0, 1], not {teacher_weight}")
+    _check_teacher_weight(teacher_weight)
     target = select_device(device)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -536,6 +540,7 @@ def pretrain(
     a crash or a job's time limit resumes from it, and the file is removed once the weights
     and their metadata are written.
     """
+    _check_teacher_weight(teacher_weight)  # before minutes of rendering, not after
     style_names = list(style_names or styles.STYLE_NAMES)
     target = select_device(device)
     initial, init_metadata = None, None
@@ -543,7 +548,7 @@ def pretrain(
         initial, init_metadata = load_network(init, "cpu", fuse=False)
         architecture = init_metadata.pop("architecture")
         settings = replace(settings, base_channels=architecture["base"], depth=architecture["depth"])
-        init_metadata["sha256"] = hashlib.sha256(Path(init).read_bytes()).hexdigest()
+        init_metadata["sha256"] = file_sha256(init)
     teacher_network, teacher_metadata = None, None
     if teacher is not None:
         teacher_network, teacher_metadata = load_network(teacher, "cpu")
@@ -552,9 +557,7 @@ def pretrain(
                 f"{teacher} was trained at a cell diameter of {teacher_metadata.get('train_diameter')} px, "
                 f"not this version's {learned.TRAIN_DIAMETER}: its outputs would not fit the targets"
             )
-        teacher_metadata.update(
-            sha256=hashlib.sha256(Path(teacher).read_bytes()).hexdigest(), weight=teacher_weight
-        )
+        teacher_metadata.update(sha256=file_sha256(teacher), weight=teacher_weight)
     started = time.perf_counter()
     fields = render_training_fields(
         style_names, settings.fields_per_style, settings.field_shape, settings.seed
