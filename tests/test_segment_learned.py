@@ -204,6 +204,30 @@ def test_inference_copy_gives_the_training_network_s_outputs(depth: int):
     assert expected.abs().max() > 0.1  # not a trivially small output
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_branches_fold_into_a_plain_network_with_the_same_outputs(depth: int):
+    """RepVGG branches (3x3, 1x1, identity, each with its batch norm) fold into one 3x3
+    kernel per convolution: the plain network, its weights saved and fused as any other."""
+    torch.manual_seed(depth)
+    branched = UNet(base=8, depth=depth, branches=True).train()
+    for _ in range(3):  # running statistics of real batches, far from their initial values
+        branched(torch.randn(4, 1, 32, 32) * 2.0 + 0.5)
+    for layer in branched.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            nn.init.uniform_(layer.weight, 0.5, 1.5)
+            nn.init.uniform_(layer.bias, -0.5, 0.5)
+    branched.eval()
+    plain = branched.without_branches()
+    assert not plain.branches and plain.state_dict().keys() == UNet(base=8, depth=depth).state_dict().keys()
+    x = torch.randn(2, 1, 48, 80)
+    with torch.inference_mode():
+        expected = branched(x)
+        torch.testing.assert_close(plain(x), expected, rtol=0.0, atol=1e-4)
+        torch.testing.assert_close(branched.fused()(x), expected, rtol=0.0, atol=1e-4)
+    assert expected.abs().max() > 0.1
+    assert UNet(base=8, depth=depth).without_branches().branches is False  # a plain network as it is
+
+
 # ------------------------------------------------------------------ weights files and devices
 
 
@@ -467,9 +491,10 @@ def test_shipped_weights_reach_the_ap_they_record(shipped_metadata):
     assert np.mean(list(again.values())) == pytest.approx(np.mean(list(recorded.values())), abs=0.01)
 
 
-def test_pretraining_builds_the_width_asked_and_records_the_command_that_repeats_it(tmp_path):
+@pytest.mark.parametrize("branches", [[], ["--branches"]])
+def test_pretraining_builds_the_width_asked_and_records_the_command_that_repeats_it(tmp_path, branches):
     out = tmp_path / "segmenter.safetensors"
-    options = ["--seed", "3", "--steps", "2", "--base-channels", "8", "--styles", "demo_plate"]
+    options = ["--seed", "3", "--steps", "2", "--base-channels", "8", *branches, "--styles", "demo_plate"]
     # the same torch threads as before: the command sets them for the whole process
     threads = ["--threads", str(torch.get_num_threads())]
     assert cli.main(["pretrain-segmenter", "--out", str(out), *options, "--device", "cpu", *threads]) == 0
@@ -478,6 +503,7 @@ def test_pretraining_builds_the_width_asked_and_records_the_command_that_repeats
     assert metadata["command"] == "metascreen pretrain-segmenter " + " ".join(options)
     assert list(metadata["ap50_by_style"]) == ["demo_plate"]
     assert metadata["settings"]["steps"] == 2 and metadata["data_seed"] == 3
+    assert metadata["settings"]["branches"] is bool(branches)  # the saved network is plain either way
     # the run's last state was checkpointed, and the checkpoint removed once the weights were written
     assert "resumed_at_step" not in metadata and not out.with_suffix(".checkpoint.pt").exists()
 
@@ -525,6 +551,9 @@ def test_pretraining_from_init_weights_trains_them_longer_and_records_both_runs(
     widened = ["pretrain-segmenter", "--out", str(longer), "--init", str(first), "--base-channels", "16"]
     assert cli.main([*widened, *common]) == 1
     assert "--base-channels cannot change the width" in capsys.readouterr().err
+    branched = ["pretrain-segmenter", "--out", str(longer), "--init", str(first), "--branches"]
+    assert cli.main([*branched, *common]) == 1
+    assert "training with branches starts from scratch" in capsys.readouterr().err
     missing = ["pretrain-segmenter", "--out", str(longer), "--init", str(tmp_path / "none.safetensors")]
     assert cli.main([*missing, *common]) == 1
     assert "weights not found" in capsys.readouterr().err

@@ -134,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
             },
         ),
         (
+            "--branches",
+            {
+                "action": "store_true",
+                "help": "train with RepVGG branches (3x3, 1x1, identity), folded into the plain U-Net "
+                "afterwards: the same inference cost",
+            },
+        ),
+        (
             "--init",
             {
                 "type": Path,
@@ -473,6 +481,8 @@ def _pretrain_segmenter(a: argparse.Namespace) -> None:
         if a.init is not None:
             raise configuration.ConfigError("--base-channels cannot change the width of the --init network")
         settings = dataclasses.replace(settings, base_channels=a.base_channels)
+    if a.branches:
+        settings = dataclasses.replace(settings, branches=True)
     try:
         metadata = train.pretrain(
             out,

@@ -7,6 +7,10 @@ border and outside) and of the *contact boundary* (cell pixels touching another
 cell). :mod:`metascreen.segment.instances` explains why these three and turns them
 into labelled cells.
 
+Training can give each convolution extra branches that fold away afterwards
+(``branches=True``, as RepVGG trains; :class:`_Branches`): the trained network is the
+plain one, at the plain one's cost.
+
 Weights are stored as safetensors (no pickle), with the architecture and training
 metadata in the header and in a JSON file beside it.
 """
@@ -41,6 +45,69 @@ def _block(in_channels: int, out_channels: int) -> list[nn.Module]:
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     ]
+
+
+class _Branches(nn.Module):
+    """One convolution as RepVGG trains it (Ding et al., CVPR 2021): a 3x3 and a 1x1
+    convolution and, where input and output channels match, the identity, each with its
+    own batch norm, summed. More paths for the gradient while training; in eval mode the
+    sum is linear in its input and folds into one 3x3 kernel and a bias (:meth:`folded`).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv3 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm3 = nn.BatchNorm2d(out_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.norm1 = nn.BatchNorm2d(out_channels)
+        self.norm_identity = nn.BatchNorm2d(in_channels) if in_channels == out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm3(self.conv3(x)) + self.norm1(self.conv1(x))
+        return y if self.norm_identity is None else y + self.norm_identity(x)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 3x3 kernel and the bias of the same function, from the batch norms' running statistics."""
+        branches = [(self.conv3.weight, self.norm3), (F.pad(self.conv1.weight, (1, 1, 1, 1)), self.norm1)]
+        if self.norm_identity is not None:
+            n = self.conv3.in_channels
+            identity = torch.zeros(n, n, 3, 3, device=self.conv3.weight.device)
+            identity[range(n), range(n), 1, 1] = 1.0
+            branches.append((identity, self.norm_identity))
+        kernel, bias = 0.0, 0.0
+        for weight, norm in branches:
+            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            kernel = kernel + weight * scale.view(-1, 1, 1, 1)
+            bias = bias + (norm.bias - norm.running_mean * scale)
+        return kernel, bias
+
+
+def _fold_into(branches: _Branches, conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
+    """Set a plain convolution and its batch norm (an identity that adds the bias) to
+    compute what ``branches`` compute in eval mode."""
+    kernel, bias = branches.folded()
+    conv.weight.copy_(kernel)
+    norm.weight.fill_(1.0)
+    norm.bias.copy_(bias)
+    norm.running_mean.zero_()
+    norm.running_var.fill_(1.0 - norm.eps)
+
+
+def _branched_block(in_channels: int, out_channels: int) -> list[nn.Module]:
+    return [
+        _Branches(in_channels, out_channels),
+        nn.ReLU(inplace=True),
+        _Branches(out_channels, out_channels),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class _JoiningDecoder(nn.Sequential):
+    """A decoder level of the branched network: the coarser features upsampled (nearest,
+    x2) and joined with the skip connection, in the order :class:`_Decoder` reads them."""
+
+    def forward(self, coarse: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(torch.cat([F.interpolate(coarse, scale_factor=2.0, mode="nearest"), skip], 1))
 
 
 # Per axis, which taps of a 3x3 kernel (columns) reach each tap of a 4-tap transposed
@@ -85,20 +152,26 @@ class UNet(nn.Module):
     parameters and a receptive field of 92 px (measured from the gradient), several
     training cell diameters, so a cell in a confluent layer is judged with its
     neighbours in view.
+
+    ``branches`` builds the network for training with RepVGG branches in place of each
+    convolution and batch norm (:class:`_Branches`); :meth:`without_branches` folds them
+    into the plain network, the one that is saved and run.
     """
 
-    def __init__(self, base: int = 16, depth: int = 3) -> None:
+    def __init__(self, base: int = 16, depth: int = 3, *, branches: bool = False) -> None:
         super().__init__()
         self.config = {"base": base, "depth": depth}
+        self.branches = branches
+        block, decoder = (_branched_block, _JoiningDecoder) if branches else (_block, _Decoder)
         widths = [base * min(2**level, 4) for level in range(depth + 1)]
         self.encoders = nn.ModuleList(
             [
-                nn.Sequential(*_block(1 if level == 0 else widths[level - 1], widths[level]))
+                nn.Sequential(*block(1 if level == 0 else widths[level - 1], widths[level]))
                 for level in range(depth + 1)
             ]
         )
         self.decoders = nn.ModuleList(
-            [_Decoder(*_block(widths[level + 1] + widths[level], widths[level])) for level in range(depth)]
+            [decoder(*block(widths[level + 1] + widths[level], widths[level])) for level in range(depth)]
         )
         self.head = nn.Conv2d(widths[0], len(OUTPUTS), 1)
 
@@ -118,11 +191,28 @@ class UNet(nn.Module):
             x = self.decoders[level](x, skips[level])
         return self.head(x)
 
+    def without_branches(self) -> UNet:
+        """The plain network (in eval mode) that a branched one folds into: each
+        convolution's branches become one 3x3 kernel, its bias carried by an identity batch
+        norm; the branched network's outputs in eval mode. A plain network comes back itself."""
+        if not self.branches:
+            return self
+        plain = UNet(**self.config).eval().to(self.head.weight.device)
+        with torch.no_grad():
+            for levels, plain_levels in ((self.encoders, plain.encoders), (self.decoders, plain.decoders)):
+                # branches, ReLU, branches, ReLU -> convolution, batch norm, ReLU (twice)
+                for branched, block in zip(levels, plain_levels, strict=True):
+                    _fold_into(branched[0], block[0], block[1])
+                    _fold_into(branched[2], block[3], block[4])
+            plain.head.load_state_dict(self.head.state_dict())
+        return plain
+
     def fused(self) -> UNet:
-        """An inference copy (eval mode) with each batch norm folded into its convolution:
-        the same outputs, fewer passes over memory."""
+        """An inference copy (eval mode) with each batch norm folded into its convolution
+        (and a branched network's branches first, :meth:`without_branches`): the same
+        outputs, fewer passes over memory."""
         fused = UNet(**self.config).eval()
-        fused.load_state_dict(self.state_dict())
+        fused.load_state_dict(self.without_branches().state_dict())
         for blocks in (fused.encoders, fused.decoders):
             for index, (conv1, bn1, relu1, conv2, bn2, relu2) in enumerate(blocks):
                 blocks[index] = type(blocks[index])(

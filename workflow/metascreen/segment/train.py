@@ -88,6 +88,7 @@ class TrainingSettings:
     weight_decay: float = 1e-4
     base_channels: int = 16
     depth: int = 3
+    branches: bool = False
     fields_per_style: int = 48
     field_shape: tuple[int, int] = (256, 256)
     seed: int = 0
@@ -332,7 +333,8 @@ def train_network(
     truth's. With ``checkpoint``, the run saves its state there every
     ``checkpoint.every`` steps and resumes from the file if it exists; a file of another
     run (other settings, fields, initial weights or teacher) raises ValueError. Returns
-    the network in eval mode on the CPU.
+    the network in eval mode on the CPU; trained with ``settings.branches``, the plain
+    network they fold into (:meth:`~metascreen.segment.network.UNet.without_branches`).
     """
     _check_teacher_weight(teacher_weight)
     target = select_device(device)
@@ -341,7 +343,7 @@ def train_network(
     if teacher is not None:
         teacher = teacher.to(target)
     pool = _Pool(fields, settings.crop, regions, teacher, teacher_weight, target)
-    network = network or UNet(settings.base_channels, settings.depth)
+    network = network or UNet(settings.base_channels, settings.depth, branches=settings.branches)
     run = ""
     if checkpoint is not None:
         taught = None if teacher is None else (teacher, teacher_weight)
@@ -400,7 +402,7 @@ def train_network(
                 _save_checkpoint(checkpoint.path, run, step, seconds, parts, rng)
     finally:
         torch.use_deterministic_algorithms(deterministic)
-    return network.eval().cpu()
+    return network.eval().cpu().without_branches()
 
 
 def _run_fingerprint(
@@ -500,8 +502,11 @@ def _pretrain_command(
         words.append(f"--learning-rate {settings.learning_rate:g}")
     if init is not None:
         words.append(f"--init {init}")
-    elif settings.base_channels != TrainingSettings.base_channels:
-        words.append(f"--base-channels {settings.base_channels}")
+    else:
+        if settings.base_channels != TrainingSettings.base_channels:
+            words.append(f"--base-channels {settings.base_channels}")
+        if settings.branches:
+            words.append("--branches")
     if teacher is not None:
         words.append(f"--teacher {teacher} --teacher-weight {teacher_weight:g}")
     if list(style_names) != list(styles.STYLE_NAMES):
@@ -545,6 +550,8 @@ def pretrain(
     target = select_device(device)
     initial, init_metadata = None, None
     if init is not None:
+        if settings.branches:
+            raise ValueError("training with branches starts from scratch: --init weights are plain")
         initial, init_metadata = load_network(init, "cpu", fuse=False)
         architecture = init_metadata.pop("architecture")
         settings = replace(settings, base_channels=architecture["base"], depth=architecture["depth"])
