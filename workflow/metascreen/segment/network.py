@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from metascreen.files import atomic_path
 
@@ -74,12 +74,11 @@ class _Branches(nn.Module):
             identity = torch.zeros(n, n, 3, 3, device=self.conv3.weight.device)
             identity[range(n), range(n), 1, 1] = 1.0
             branches.append((identity, self.norm_identity))
-        kernel, bias = 0.0, 0.0
-        for weight, norm in branches:
-            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-            kernel = kernel + weight * scale.view(-1, 1, 1, 1)
-            bias = bias + (norm.bias - norm.running_mean * scale)
-        return kernel, bias
+        folded = [
+            fuse_conv_bn_weights(weight, None, n.running_mean, n.running_var, n.eps, n.weight, n.bias)
+            for weight, n in branches
+        ]
+        return sum(kernel for kernel, _ in folded), sum(bias for _, bias in folded)
 
 
 def _fold_into(branches: _Branches, conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
