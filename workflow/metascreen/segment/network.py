@@ -75,8 +75,8 @@ class _Branches(nn.Module):
             identity[range(n), range(n), 1, 1] = 1.0
             branches.append((identity, self.norm_identity))
         folded = [
-            fuse_conv_bn_weights(weight, None, n.running_mean, n.running_var, n.eps, n.weight, n.bias)
-            for weight, n in branches
+            fuse_conv_bn_weights(weight, None, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+            for weight, bn in branches
         ]
         return sum(kernel for kernel, _ in folded), sum(bias for _, bias in folded)
 
