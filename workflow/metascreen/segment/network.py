@@ -70,10 +70,8 @@ class _Branches(nn.Module):
         """The 3x3 kernel and the bias of the same function, from the batch norms' running statistics."""
         branches = [(self.conv3.weight, self.norm3), (F.pad(self.conv1.weight, (1, 1, 1, 1)), self.norm1)]
         if self.norm_identity is not None:
-            n = self.conv3.in_channels
-            identity = torch.zeros(n, n, 3, 3, device=self.conv3.weight.device)
-            identity[range(n), range(n), 1, 1] = 1.0
-            branches.append((identity, self.norm_identity))
+            identity = torch.eye(self.conv3.in_channels, device=self.conv3.weight.device)[..., None, None]
+            branches.append((F.pad(identity, (1, 1, 1, 1)), self.norm_identity))
         folded = [
             fuse_conv_bn_weights(weight, None, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
             for weight, bn in branches
