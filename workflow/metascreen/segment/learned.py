@@ -106,8 +106,8 @@ def segment_learned(
     augment : bool
         Test-time augmentation: average the network's outputs over the field and its
         three mirror images (:func:`~metascreen.segment.tiling.predict_tiled`). Four
-        times the network's time, for a higher AP on hard styles (README,
-        "Segmentation"). Default False.
+        times the network's time, for a higher AP on some looks and a lower one on others
+        (README, "Segmentation backends"). Default False.
     device : str
         ``auto`` (CUDA when available), ``cpu`` or ``cuda[:n]``.
     weights : str or None
