@@ -48,11 +48,11 @@ bench: setup
 	$(RUN) python -m benchmarks
 
 # Retrain the shipped segmentation weights from scratch on the synthetic world (deterministic for
-# the seed on CPU; 50 min on 2 Intel AMX cores for the shipped ones; not yet timed on a GPU, see
-# `python -m benchmarks gpu`; about 2 h by its step time on 2 AMD Zen 2 cores in float32). Writes
+# the seed on CPU; 96 min on 2 Intel AMX cores for the shipped ones; not yet timed on a GPU, see
+# `python -m benchmarks gpu`; about 4 h on 2 AMD Zen 2 cores in float32). Writes
 # workflow/metascreen/segment/weights/; run again after an interruption, it resumes from its last
 # checkpoint (every 500 steps).
-SEGMENTER_SEED ?= 0
+SEGMENTER_SEED ?= 1
 pretrain-segmenter: setup
 	$(RUN) metascreen pretrain-segmenter --seed $(SEGMENTER_SEED)
 

@@ -145,10 +145,10 @@ class UNet(nn.Module):
     """U-Net: ``depth`` poolings, ``base`` channels doubling per level (capped at 4x).
 
     Input ``(N, 1, H, W)`` with ``H`` and ``W`` multiples of ``2**depth``; output
-    ``(N, 3, H, W)`` logits (:data:`OUTPUTS`). With ``base=16, depth=3`` it has ~0.3 M
-    parameters and a receptive field of 92 px (measured from the gradient), several
-    training cell diameters, so a cell in a confluent layer is judged with its
-    neighbours in view.
+    ``(N, 3, H, W)`` logits (:data:`OUTPUTS`). With ``base=24, depth=3`` (the shipped
+    weights) it has ~0.68 M parameters (``base=16``: ~0.3 M) and a receptive field of 92 px
+    (measured from the gradient; the width does not change it), several training cell
+    diameters, so a cell in a confluent layer is judged with its neighbours in view.
 
     ``branches`` builds the network for training with RepVGG branches in place of each
     convolution and batch norm (:class:`_Branches`); :meth:`without_branches` folds them

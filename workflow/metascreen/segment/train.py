@@ -86,7 +86,7 @@ class TrainingSettings:
     crop: int = 128
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
-    base_channels: int = 16
+    base_channels: int = 24
     depth: int = 3
     branches: bool = False
     fields_per_style: int = 48
