@@ -39,8 +39,11 @@ Throughput on 2048 x 2048 fields of ~600 cells, one thread (a per-core figure):
 
 * ``mpx_per_s_per_core``: segmentation + measurement + crops with the default backend.
 * ``mpx_per_s_per_core_learned`` / ``mpx_per_s_per_core_label_free``: segmentation
-  alone, both backends on the same fields in the same run, and
-  ``mpx_per_s_per_core_learned_augmented`` with test-time augmentation; ``mpx_per_s_gpu`` and
+  alone, both backends on the same fields in the same run (the learned one in the
+  precision it picks for this CPU: bfloat16 where the CPU has it natively), and
+  ``mpx_per_s_per_core_learned_float32`` in float32 (``precision="float32"``, the same
+  as ``learned`` on CPUs without bfloat16), ``mpx_per_s_per_core_learned_augmented`` with
+  test-time augmentation; ``mpx_per_s_gpu`` and
   ``gpu_name`` for the learned backend when CUDA is available.
 """
 
@@ -254,6 +257,9 @@ def _throughput() -> dict[str, float | str]:
         "mpx_per_s_per_core": megapixels / sum(stages.values()),
         "mpx_per_s_per_core_learned": _segmentation_speed(
             images, "learned", cell_diameter=diameter, device="cpu"
+        ),
+        "mpx_per_s_per_core_learned_float32": _segmentation_speed(
+            images, "learned", cell_diameter=diameter, device="cpu", precision="float32"
         ),
         "mpx_per_s_per_core_learned_augmented": _segmentation_speed(
             images, "learned", cell_diameter=diameter, augment=True, device="cpu"

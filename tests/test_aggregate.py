@@ -18,12 +18,14 @@ P2     B01   S2      no cells (empty field)                   empty_field;no_cel
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from metascreen import stages
 from metascreen.aggregate import (
     CELL_KEYS,
     FIELD_COLUMNS,
@@ -683,9 +685,15 @@ def test_per_plate_without_cells(cells, fields, platemap):
 # ------------------------------------------------------------------ segmentation check
 
 
-def _manifest(well: str, cells_per_field: list[int]) -> dict:
+def _manifest(well: str, cells_per_field: list[int], precision: str = "bfloat16") -> dict:
     """A learned backend's segment/{well}.json."""
-    return {"well": well, "method": "learned", "cells_per_field": cells_per_field, "cell_diameter": 23.4}
+    return {
+        "well": well,
+        "method": "learned",
+        "cells_per_field": cells_per_field,
+        "cell_diameter": 23.4,
+        "precision": precision,
+    }
 
 
 # With min_cells_per_well 20: A01 has exactly 20 (not low), A02 19 and B01 none (low), B02 55.
@@ -706,6 +714,7 @@ def test_segmentation_check_counts_wells_below_the_threshold():
     assert check["low_cell_well_fraction"] == 0.5
     assert check["median_cells_per_field"] == 9.5
     assert check["method"] == "learned" and check["cell_diameters"] == [23.4]
+    assert check["precisions"] == ["bfloat16"]
     # 2 of 4 wells is at the limit of 0.5, not above it: the plate passes.
     assert check["passes"] is True and segmentation_check_failure(check) is None
     json.dumps(check)  # what the stage writes as check.json
@@ -760,11 +769,29 @@ def test_segmentation_check_failure_of_an_empty_plate_counts_the_wells_it_does_n
 def test_segmentation_check_failure_of_a_classical_backend_suggests_its_own_settings():
     manifests = [{"well": "A01", "method": "label_free", "cells_per_field": [0]}]
     check = segmentation_check(manifests, "P1", min_cells_per_well=0, max_low_cell_well_fraction=0.5)
-    assert check["cell_diameters"] == [] and check["low_cell_wells"] == ["A01"]
+    assert check["cell_diameters"] == check["precisions"] == [] and check["low_cell_wells"] == ["A01"]
     message = segmentation_check_failure(check)
     assert "fewer than 1 cells" in message and "label_free segmentation." in message
     assert "segment.label_free" in message and "segment.method: learned" in message
     assert "cell diameter" not in message
+
+
+def test_wells_segmented_in_different_precisions_are_a_warning(tmp_path, caplog):
+    """A plate spread over nodes with and without bfloat16 units is segmented in both."""
+    paths = []
+    for manifest in [*SEGMENTED, _manifest("B03", [40, 35], precision="float32")]:
+        paths.append(tmp_path / f"{manifest['well']}.json")
+        paths[-1].write_text(json.dumps(manifest))
+    qc = {"min_cells_per_well": 20, "max_low_cell_well_fraction": 0.5}
+    with caplog.at_level(logging.WARNING, logger="metascreen"):
+        stages.check_segmentation("P1", paths, qc, tmp_path / "check.json")
+    assert json.loads((tmp_path / "check.json").read_text())["precisions"] == ["bfloat16", "float32"]
+    assert "different precisions (bfloat16, float32)" in caplog.text
+    assert "segment.learned.precision: float32" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="metascreen"):
+        stages.check_segmentation("P1", paths[:4], qc, tmp_path / "check.json")
+    assert "precision" not in caplog.text
 
 
 def test_segmentation_check_rejects_no_wells_and_bad_thresholds():

@@ -23,7 +23,7 @@ from metascreen.config import ConfigError, validate_config
 from metascreen.segment import learned, match_instances, pooled_ap, segment, train
 from metascreen.segment.instances import recover_instances, training_targets
 from metascreen.segment.network import UNet, load_network, save_network
-from metascreen.segment.tiling import normalize_percentile, predict_tiled
+from metascreen.segment.tiling import inference_dtype, normalize_percentile, predict_tiled
 from metascreen.segment.train import (
     TrainingSettings,
     evaluate_styles,
@@ -261,6 +261,13 @@ def test_bfloat16_inference_gives_the_cells_of_float32(monkeypatch):
     assert 0 < np.abs(full - half).max() < 0.1 and np.abs(full - half).mean() < 0.01
     cells = recover_instances(*full)
     assert cells.max() > 3 and pooled_ap([(cells, recover_instances(*half))]) > 0.95
+    # precision float32 keeps such a CPU in float32: the arithmetic of CPUs without bfloat16
+    pinned = predict_tiled(network, normalised, factor=1.0, device=device, precision="float32")
+    np.testing.assert_array_equal(pinned, full)
+    assert inference_dtype(device) is torch.bfloat16 and inference_dtype(device, "float32") is None
+    assert inference_dtype("cuda", "float32") is None
+    with pytest.raises(ValueError, match="precision must be one of auto, float32, got 'float16'"):
+        inference_dtype(device, "float16")
 
 
 def test_device_selection_without_a_gpu(monkeypatch):
@@ -696,6 +703,7 @@ def test_stages_estimate_the_plate_diameter_and_segment_with_it(tmp_path, monkey
         )
         manifest = stages.read_json(tmp_path / f"seg_{well}.json")
         assert manifest["method"] == "learned" and manifest["cell_diameter"] == estimate["cell_diameter"]
+        assert manifest["precision"] == ("bfloat16" if model._cpu_has_native_bfloat16() else "float32")
         labels = ngff.field_labels(plate, well, 0)
         assert match_instances(truths[well], labels)["ap"] > 0.8
     # a diameter in µm goes through the plate's pixel size (0.65 µm here)

@@ -541,7 +541,8 @@ def segmentation_check(
     ----------
     manifests
         The segmentation manifests of the plate's wells (``segment/{well}.json``): ``well``,
-        ``method``, ``cells_per_field`` and, for the learned backend, ``cell_diameter`` (px).
+        ``method``, ``cells_per_field`` and, for the learned backend, ``cell_diameter`` (px)
+        and ``precision`` (what the network computed in: ``bfloat16``, ``float32``, ...).
     plate
         The plate's id.
     min_cells_per_well
@@ -555,8 +556,9 @@ def segmentation_check(
     dict
         JSON-ready: ``plate``, ``method`` (", "-joined if the wells differ),
         ``cell_diameters`` (the distinct diameters used, px; empty for backends without
-        one), both thresholds, ``cells_per_well`` (well -> segmented cells, sorted by
-        well), ``low_cell_wells`` (sorted), ``low_cell_well_fraction``,
+        one), ``precisions`` (the distinct precisions the wells ran in; more than one when
+        nodes of a cluster differ), both thresholds, ``cells_per_well`` (well -> segmented
+        cells, sorted by well), ``low_cell_wells`` (sorted), ``low_cell_well_fraction``,
         ``median_cells_per_field`` (over all the plate's fields) and ``passes``.
 
     Raises
@@ -585,6 +587,7 @@ def segmentation_check(
         "cell_diameters": sorted(
             {float(manifest["cell_diameter"]) for manifest in manifests if "cell_diameter" in manifest}
         ),
+        "precisions": sorted({manifest["precision"] for manifest in manifests if "precision" in manifest}),
         "min_cells_per_well": min_cells_per_well,
         "max_low_cell_well_fraction": max_low_cell_well_fraction,
         "cells_per_well": cells_per_well,

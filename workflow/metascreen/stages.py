@@ -241,7 +241,7 @@ def estimate_cell_diameter(
         sources.append([well, field["field"]])
     parameters = settings["learned"]
     estimate = learned.estimate_cell_diameter(
-        planes, weights=parameters["weights"], device=parameters["device"]
+        planes, weights=parameters["weights"], device=parameters["device"], precision=parameters["precision"]
     )
     plate = layout["plate"]
     if not np.isfinite(estimate["cell_diameter"]):
@@ -371,10 +371,14 @@ def segment_well(
         )
     manifest = {"well": well, "method": method, "cells_per_field": list(counts)}
     if method == "learned":
-        from metascreen.segment import learned
+        from metascreen.segment import learned, tiling
 
         manifest["cell_diameter"] = parameters["cell_diameter"]
         manifest["weights"] = str(parameters["weights"] or learned.SHIPPED_WEIGHTS)
+        # what the node computed in: "auto" gives bfloat16 on some nodes, float32 on others
+        device = learned.load_segmenter(parameters["weights"], parameters["device"])[2]
+        dtype = tiling.inference_dtype(device, parameters["precision"])
+        manifest["precision"] = "float32" if dtype is None else str(dtype).removeprefix("torch.")
     write_json(manifest_path, manifest)
 
 
@@ -385,7 +389,9 @@ def check_segmentation(
 
     ``qc_settings`` holds the config's ``qc.min_cells_per_well`` and
     ``qc.max_low_cell_well_fraction``. A plate with too many low-cell wells stops here, with
-    a message naming the cause and the fix, before training and classification.
+    a message naming the cause and the fix, before training and classification; wells
+    segmented in different precisions (nodes with and without bfloat16) are logged as a
+    warning.
     """
     check = aggregate.segmentation_check(
         [read_json(path) for path in manifest_paths],
@@ -404,6 +410,13 @@ def check_segmentation(
         qc_settings["min_cells_per_well"],
         check["median_cells_per_field"],
     )
+    if len(check["precisions"]) > 1:
+        log.warning(
+            "%s: wells were segmented in different precisions (%s) on different nodes, so their cells "
+            "may differ slightly; set segment.learned.precision: float32 for the same arithmetic everywhere",
+            plate,
+            ", ".join(check["precisions"]),
+        )
     write_json(output_path, check)
 
 
@@ -489,7 +502,10 @@ def _preview_plate(
 
         parameters = settings["learned"]
         estimate = learned.estimate_cell_diameter(
-            planes, weights=parameters["weights"], device=parameters["device"]
+            planes,
+            weights=parameters["weights"],
+            device=parameters["device"],
+            precision=parameters["precision"],
         )
         return estimate["cell_diameter"]
 

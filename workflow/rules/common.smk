@@ -118,11 +118,12 @@ def segment_settings():
 
 
 def diameter_estimate_settings():
-    """What the cell-diameter estimate uses: the channel, the network's weights and device."""
+    """What the cell-diameter estimate uses: the channel, the network's weights, device
+    and precision."""
     learned = learned_parameters()
     settings = {
         "channel": config["segment"]["channel"],
-        "learned": {key: learned[key] for key in ("weights", "device")},
+        "learned": {key: learned[key] for key in ("weights", "device", "precision")},
     }
     return json.dumps(settings, sort_keys=True)
 

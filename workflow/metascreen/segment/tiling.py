@@ -16,7 +16,13 @@ from torch.nn import functional as F
 from metascreen.model import autocast_dtype
 from metascreen.segment.network import UNet
 
-__all__ = ["normalize_percentile", "predict_tiled"]
+__all__ = ["PRECISIONS", "inference_dtype", "normalize_percentile", "predict_tiled"]
+
+#: What :func:`predict_tiled` computes in: ``auto``, the mixed precision of
+#: :func:`metascreen.model.autocast_dtype` (bfloat16 on CUDA and on CPUs with native
+#: bfloat16, else float32); ``float32``, float32 everywhere, so that nodes of a cluster
+#: with and without bfloat16 units segment a plate identically.
+PRECISIONS: tuple[str, ...] = ("auto", "float32")
 
 
 def normalize_percentile(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
@@ -35,6 +41,14 @@ def normalize_percentile(image: np.ndarray, low: float = 1.0, high: float = 99.0
         return np.zeros(image.shape, np.float32)
     out = (image - np.float32(lo)) / np.float32(hi - lo)
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def inference_dtype(device: torch.device | str, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype the network runs in on ``device`` at ``precision``
+    (:data:`PRECISIONS`); None for float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return None if precision == "float32" else autocast_dtype(torch.device(device), cpu=True)
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -58,6 +72,7 @@ def predict_tiled(
     margin: int = 32,
     batch_size: int | None = None,
     augment: bool = False,
+    precision: str = "auto",
 ) -> np.ndarray:
     """The network's sigmoid outputs for a normalised field, at the field's own size.
 
@@ -72,8 +87,7 @@ def predict_tiled(
         The field is resized by this factor (bilinear, antialiased when shrinking)
         before the network, and the outputs back to ``(Y, X)``.
     device : torch.device or str
-        Where the network runs, in the mixed precision of
-        :func:`metascreen.model.autocast_dtype` (CUDA, and CPUs with native bfloat16).
+        Where the network runs.
     tile_size, margin : int
         Largest tile side (px, at the network's scale) and the overlap kept off each
         tile's border (rounded up to a multiple of ``network.size_multiple``).
@@ -87,6 +101,10 @@ def predict_tiled(
         Test-time augmentation: the logits are averaged over each tile and its three
         mirror images (left-right, up-down, both), which makes the output equivariant
         to flips and evens out the network's errors; four times the network's time.
+    precision : {"auto", "float32"}
+        ``auto``: the mixed precision of :func:`metascreen.model.autocast_dtype` (CUDA,
+        and CPUs with native bfloat16); ``float32``: float32 on every device
+        (:data:`PRECISIONS`).
 
     Returns
     -------
@@ -94,6 +112,7 @@ def predict_tiled(
         Probabilities.
     """
     device = torch.device(device)
+    amp_dtype = inference_dtype(device, precision)
     height, width = image.shape
     x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
     scaled = (max(round(height * factor), 1), max(round(width * factor), 1))
@@ -107,7 +126,6 @@ def predict_tiled(
     x = _reflect_pad(x, pad)
     origins = [(r * step_rows, c * step_cols) for r in range(n_rows) for c in range(n_cols)]
     out: torch.Tensor | None = None
-    amp_dtype = autocast_dtype(device, cpu=True)
     if batch_size is None:
         batch_size = 4 if device.type == "cuda" else 1
     elif batch_size < 1:
