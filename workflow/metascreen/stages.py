@@ -371,13 +371,13 @@ def segment_well(
         )
     manifest = {"well": well, "method": method, "cells_per_field": list(counts)}
     if method == "learned":
+        from metascreen.model import select_device
         from metascreen.segment import learned, tiling
 
         manifest["cell_diameter"] = parameters["cell_diameter"]
         manifest["weights"] = str(parameters["weights"] or learned.SHIPPED_WEIGHTS)
         # what the node computed in: "auto" gives bfloat16 on some nodes, float32 on others
-        device = learned.load_segmenter(parameters["weights"], parameters["device"])[2]
-        dtype = tiling.inference_dtype(device, parameters["precision"])
+        dtype = tiling.inference_dtype(select_device(parameters["device"]), parameters["precision"])
         manifest["precision"] = "float32" if dtype is None else str(dtype).removeprefix("torch.")
     write_json(manifest_path, manifest)
 
