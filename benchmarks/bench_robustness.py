@@ -177,10 +177,16 @@ def _ap_under(
     fields: list[tuple[np.ndarray, np.ndarray, float]],
     seed: int,
 ) -> float:
-    network, _, device = segmenter
+    network, metadata, device = segmenter
+    train_diameter = learned.trained_diameter(metadata)
     rng = np.random.default_rng(seed)
     pairs = [
-        (labels, learned.segment_with_network(network, device, fault(image, rng, diameter), diameter * scale))
+        (
+            labels,
+            learned.segment_with_network(
+                network, device, fault(image, rng, diameter), diameter * scale, train_diameter=train_diameter
+            ),
+        )
         for image, labels, diameter in fields
     ]
     return pooled_ap(pairs)

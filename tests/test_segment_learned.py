@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from metascreen import cli, model, ngff, stages, styles, synth
+from metascreen.annotations import check_annotation
 from metascreen.config import ConfigError, validate_config
 from metascreen.segment import learned, match_instances, pooled_ap, segment, train
 from metascreen.segment.instances import recover_instances, training_targets
@@ -247,6 +248,35 @@ def test_weights_round_trip_and_bad_files(tmp_path):
         load_network(tmp_path / "bad.safetensors")
     with pytest.raises(FileNotFoundError, match="segmentation weights not found"):
         load_network(tmp_path / "missing.safetensors")
+
+
+def test_weights_are_used_at_the_diameter_they_were_trained_at(tmp_path, monkeypatch):
+    """A weights file of another version's training diameter segments at its own scale, and
+    training refuses to go on from it (fine-tuning, or pretraining from it) at this one's."""
+    image, labels = styles.render_style_field(styles.style_rng(5, "phase_spread", 0), "phase_spread")
+    diameter = median_diameter(labels)
+    network, metadata = load_network(learned.SHIPPED_WEIGHTS, fuse=False)
+    doubled = tmp_path / "doubled.safetensors"
+    save_network(network, doubled, {"train_diameter": 2 * learned.trained_diameter(metadata)})
+    no_small_cells_dropped = {"min_area_fraction": 0.0, "device": "cpu"}
+    shipped = learned.segment_learned(image, cell_diameter=diameter, **no_small_cells_dropped)
+    # cells twice as large for a network that learned cells twice as large: the same resizing
+    same_scale = learned.segment_learned(
+        image, cell_diameter=2 * diameter, weights=str(doubled), **no_small_cells_dropped
+    )
+    assert shipped.max() > 5 and np.array_equal(shipped, same_scale)
+    other_scale = learned.segment_learned(
+        image, cell_diameter=diameter, weights=str(doubled), **no_small_cells_dropped
+    )
+    assert not np.array_equal(shipped, other_scale)
+
+    annotated = check_annotation("field", image, labels)
+    with pytest.raises(ValueError, match=r"trained at a cell diameter of \d+ px, not this version's"):
+        train.finetune([annotated], weights=doubled, device="cpu")
+    monkeypatch.setattr(train, "render_training_fields", lambda *args: pytest.fail("rendered first"))
+    with pytest.raises(ValueError, match="training it on would mix two scales"):
+        train.pretrain(tmp_path / "longer.safetensors", init=doubled, device="cpu")
+    learned.load_segmenter.cache_clear()
 
 
 def test_bfloat16_inference_gives_the_cells_of_float32(monkeypatch):

@@ -1,8 +1,8 @@
 """The learned label-free segmenter: shipped U-Net weights, scale and cell recovery.
 
 A field is normalised (1st-99th percentile, so its dtype and exposure do not matter),
-resized so that its cells reach the network's training diameter
-(:data:`TRAIN_DIAMETER`), predicted in overlapping tiles
+resized so that its cells reach the diameter the network was trained at (recorded
+with its weights; :data:`TRAIN_DIAMETER` for new training), predicted in overlapping tiles
 (:mod:`metascreen.segment.tiling`), and its cells recovered from the foreground and
 normalised-distance maps (:mod:`metascreen.segment.instances`). Polarity (dark or
 bright cells, halos of either sign) is learned: the network was trained with
@@ -46,10 +46,12 @@ __all__ = [
     "segment_learned",
     "segment_with_network",
     "smallest_cell_area",
+    "trained_diameter",
 ]
 
-#: Equivalent cell diameter (px) that fields are resized to before the network.
-TRAIN_DIAMETER = 20.0
+#: Equivalent cell diameter (px) that training brings cells to. Each weights file records
+#: the one its network learned (``train_diameter``), and inference resizes fields to that.
+TRAIN_DIAMETER = 17.5
 #: The weights trained by ``metascreen pretrain-segmenter`` and shipped in the package.
 SHIPPED_WEIGHTS = Path(__file__).with_name("weights") / "learned.safetensors"
 # assumed diameters tried by the scale estimate: 10-160 px in steps of sqrt(2)
@@ -67,6 +69,12 @@ def load_segmenter(
     network, metadata = load_network(weights or SHIPPED_WEIGHTS, target)
     # channels-last convolutions: ~25 % faster on CPU (oneDNN) and on CUDA under autocast
     return network.to(memory_format=torch.channels_last), metadata, target
+
+
+def trained_diameter(metadata: dict[str, Any]) -> float:
+    """The equivalent cell diameter (px) a network was trained at, from its weights'
+    metadata (``train_diameter``; :data:`TRAIN_DIAMETER` where a file does not record it)."""
+    return float(metadata.get("train_diameter", TRAIN_DIAMETER))
 
 
 def segment_learned(
@@ -90,10 +98,10 @@ def segment_learned(
     image : (Y, X) array of any real dtype
         One field.
     cell_diameter : float or "auto"
-        Typical equivalent cell diameter in px; the field is resized by
-        ``TRAIN_DIAMETER / cell_diameter``. ``"auto"`` estimates it from this field
-        (:func:`estimate_cell_diameter`); the workflow estimates it once per plate
-        instead, from a sample of fields. Default ``"auto"``.
+        Typical equivalent cell diameter in px; the field is resized by the weights'
+        training diameter (:func:`trained_diameter`) over ``cell_diameter``. ``"auto"``
+        estimates it from this field (:func:`estimate_cell_diameter`); the workflow
+        estimates it once per plate instead, from a sample of fields. Default ``"auto"``.
     foreground_threshold, boundary_threshold, seed_threshold : float
         Probability thresholds of the foreground, of the contact boundary that cuts
         touching cells apart, and of the normalised distance a seed must reach
@@ -126,7 +134,7 @@ def segment_learned(
         0 background, 1..n cells.
     """
     image = check_image(image)
-    network, _, target = load_segmenter(weights, device)
+    network, metadata, target = load_segmenter(weights, device)
     if cell_diameter == "auto":
         estimate = estimate_cell_diameter([image], weights=weights, device=device, precision=precision)
         cell_diameter = estimate["cell_diameter"]
@@ -139,6 +147,7 @@ def segment_learned(
         target,
         image,
         float(cell_diameter),
+        train_diameter=trained_diameter(metadata),
         min_area_fraction=min_area_fraction,
         tile_size=tile_size,
         augment=augment,
@@ -155,6 +164,7 @@ def segment_with_network(
     image: np.ndarray,
     cell_diameter: float,
     *,
+    train_diameter: float = TRAIN_DIAMETER,
     min_area_fraction: float = 0.1,
     tile_size: int = 1024,
     augment: bool = False,
@@ -162,13 +172,13 @@ def segment_with_network(
     **thresholds: float,
 ) -> np.ndarray:
     """Labels of ``image`` segmented by ``network`` (on ``device``, at ``precision``; fused
-    for inference, :meth:`~metascreen.segment.network.UNet.fused`) at ``cell_diameter``,
-    as :func:`segment_learned` does with weights from a file; ``thresholds`` of
-    :func:`~metascreen.segment.instances.recover_instances`."""
+    for inference, :meth:`~metascreen.segment.network.UNet.fused`; trained at
+    ``train_diameter``) at ``cell_diameter``, as :func:`segment_learned` does with weights
+    from a file; ``thresholds`` of :func:`~metascreen.segment.instances.recover_instances`."""
     maps = predict_tiled(
         network,
         normalize_percentile(image),
-        factor=TRAIN_DIAMETER / cell_diameter,
+        factor=train_diameter / cell_diameter,
         device=device,
         tile_size=tile_size,
         augment=augment,
@@ -201,7 +211,7 @@ def estimate_cell_diameter(
     """Estimate the typical equivalent cell diameter (px) of a set of fields.
 
     Only the central ``window`` x ``window`` px of each field are used (the smallest
-    assumed diameter upsamples them twofold). Each field is segmented assuming
+    assumed diameter enlarges them 1.75-fold for the shipped weights). Each field is segmented assuming
     diameters from 10 to 160 px (steps of sqrt 2); at each step the median equivalent
     diameter of the cells found, pooled over the fields, is compared with the
     assumption, and the cells with those of the next step (AP@0.5 between the two
@@ -229,13 +239,21 @@ def estimate_cell_diameter(
         ``ladder``: per assumed diameter the cells found, their median diameter and
         their agreement with the next step (None at the last).
     """
-    network, _, target = load_segmenter(weights, device)
+    network, metadata, target = load_segmenter(weights, device)
     fields = [central_window(check_image(image), window) for image in images]
     ladder: list[dict[str, Any]] = []
     previous: list[np.ndarray] = []
     for assumed in _DIAMETER_LADDER:
         segmented = [
-            segment_with_network(network, target, field, assumed, precision=precision) for field in fields
+            segment_with_network(
+                network,
+                target,
+                field,
+                assumed,
+                train_diameter=trained_diameter(metadata),
+                precision=precision,
+            )
+            for field in fields
         ]
         diameters = np.concatenate([equivalent_diameters(labels) for labels in segmented])
         if ladder:

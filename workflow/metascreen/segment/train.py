@@ -83,7 +83,7 @@ class TrainingSettings:
 
     steps: int = 30_000
     batch_size: int = 8
-    crop: int = 128
+    crop: int = 112
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     base_channels: int = 24
@@ -489,6 +489,17 @@ def evaluate_styles(
     return scores
 
 
+def _check_training_scale(path: str | Path, metadata: dict[str, Any], why: str) -> None:
+    """Refuse weights (a starting point or a teacher) trained at another cell diameter than
+    :data:`~metascreen.segment.learned.TRAIN_DIAMETER`, the one this version trains at."""
+    diameter = learned.trained_diameter(metadata)
+    if diameter != learned.TRAIN_DIAMETER:
+        raise ValueError(
+            f"{path} was trained at a cell diameter of {diameter:g} px, "
+            f"not this version's {learned.TRAIN_DIAMETER:g}: {why}"
+        )
+
+
 def _pretrain_command(
     settings: TrainingSettings,
     style_names: Sequence[str],
@@ -553,17 +564,14 @@ def pretrain(
         if settings.branches:
             raise ValueError("training with branches starts from scratch: --init weights are plain")
         initial, init_metadata = load_network(init, "cpu", fuse=False)
+        _check_training_scale(init, init_metadata, "training it on would mix two scales")
         architecture = init_metadata.pop("architecture")
         settings = replace(settings, base_channels=architecture["base"], depth=architecture["depth"])
         init_metadata["sha256"] = file_sha256(init)
     teacher_network, teacher_metadata = None, None
     if teacher is not None:
         teacher_network, teacher_metadata = load_network(teacher, "cpu")
-        if teacher_metadata.get("train_diameter") != learned.TRAIN_DIAMETER:
-            raise ValueError(
-                f"{teacher} was trained at a cell diameter of {teacher_metadata.get('train_diameter')} px, "
-                f"not this version's {learned.TRAIN_DIAMETER}: its outputs would not fit the targets"
-            )
+        _check_training_scale(teacher, teacher_metadata, "its outputs would not fit the targets")
         teacher_metadata.update(sha256=file_sha256(teacher), weight=teacher_weight)
     started = time.perf_counter()
     fields = render_training_fields(
@@ -688,7 +696,9 @@ def finetune(
     if not annotations:
         raise ValueError("fine-tuning needs at least one annotated field")
     target = select_device(device)
-    network, _ = load_network(weights or learned.SHIPPED_WEIGHTS, "cpu", fuse=False)
+    weights = weights or learned.SHIPPED_WEIGHTS
+    network, metadata = load_network(weights, "cpu", fuse=False)
+    _check_training_scale(weights, metadata, "fine-tuning it would mix two scales")
     splits = [validation_split(annotation.region, validation_fraction) for annotation in annotations]
     train_regions = [train for train, _ in splits]
     held_out = [validation for _, validation in splits]
