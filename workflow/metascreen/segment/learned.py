@@ -240,18 +240,14 @@ def estimate_cell_diameter(
         their agreement with the next step (None at the last).
     """
     network, metadata, target = load_segmenter(weights, device)
+    train_diameter = trained_diameter(metadata)
     fields = [central_window(check_image(image), window) for image in images]
     ladder: list[dict[str, Any]] = []
     previous: list[np.ndarray] = []
     for assumed in _DIAMETER_LADDER:
         segmented = [
             segment_with_network(
-                network,
-                target,
-                field,
-                assumed,
-                train_diameter=trained_diameter(metadata),
-                precision=precision,
+                network, target, field, assumed, train_diameter=train_diameter, precision=precision
             )
             for field in fields
         ]
