@@ -28,7 +28,8 @@ small network learns the teacher's soft maps along with the truth.
 
 :func:`finetune` adapts the trained network to a user's own annotated fields
 (:mod:`metascreen.annotations`) with the same augmentation and loss, the loss restricted to
-the annotated part of each field, and scores it on a held-out part before and after.
+the annotated part of each field and the batch norms' running statistics those of
+pretraining, and scores it on a held-out part before and after.
 """
 
 from __future__ import annotations
@@ -92,10 +93,14 @@ class TrainingSettings:
     fields_per_style: int = 48
     field_shape: tuple[int, int] = (256, 256)
     seed: int = 0
+    freeze_batch_norm: bool = False
 
 
 #: Fine-tuning from the shipped weights on a few annotated fields: a few minutes on 2 cores.
-FINETUNE_SETTINGS = TrainingSettings(steps=500, learning_rate=1e-3)
+#: The batch norms keep the running statistics of pretraining: batches of crops of one or
+#: two fields would pull them towards those fields' look and unlearn the others (README,
+#: "Fine-tuning on your own images").
+FINETUNE_SETTINGS = TrainingSettings(steps=500, learning_rate=1e-3, freeze_batch_norm=True)
 
 
 @dataclass
@@ -328,13 +333,15 @@ def train_network(
     """Train (or, given ``network``, fine-tune) the U-Net on ``(style, image, labels)`` fields.
 
     ``regions`` (one boolean map per field) restricts the loss to the annotated part of
-    each field. ``teacher`` (a trained network, usually a wider one) distils into this
-    one: the targets become ``teacher_weight`` times its outputs plus the rest of the
-    truth's. With ``checkpoint``, the run saves its state there every
-    ``checkpoint.every`` steps and resumes from the file if it exists; a file of another
-    run (other settings, fields, initial weights or teacher) raises ValueError. Returns
-    the network in eval mode on the CPU; trained with ``settings.branches``, the plain
-    network they fold into (:meth:`~metascreen.segment.network.UNet.without_branches`).
+    each field. With ``settings.freeze_batch_norm`` the batch norms normalise with their
+    running statistics and keep them (their scales and shifts still learn). ``teacher``
+    (a trained network, usually a wider one) distils into this one: the targets become
+    ``teacher_weight`` times its outputs plus the rest of the truth's. With
+    ``checkpoint``, the run saves its state there every ``checkpoint.every`` steps and
+    resumes from the file if it exists; a file of another run (other settings, fields,
+    initial weights or teacher) raises ValueError. Returns the network in eval mode on
+    the CPU; trained with ``settings.branches``, the plain network they fold into
+    (:meth:`~metascreen.segment.network.UNet.without_branches`).
     """
     _check_teacher_weight(teacher_weight)
     target = select_device(device)
@@ -349,6 +356,10 @@ def train_network(
         taught = None if teacher is None else (teacher, teacher_weight)
         run = _run_fingerprint(settings, fields, regions, network, taught)
     network = network.to(target).train()
+    if settings.freeze_batch_norm:
+        for module in network.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.eval()  # normalises with, and keeps, its running statistics
     network = network.to(memory_format=torch.channels_last)  # ~20 % faster convolutions
     optimizer = torch.optim.AdamW(
         network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
