@@ -476,11 +476,21 @@ def test_dataset_sha256_is_sensitive_to_content_dtype_shape_and_order() -> None:
 def test_cuda_uses_mixed_precision_cpu_only_where_asked_and_fast(monkeypatch) -> None:
     from metascreen import model, training
 
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
     for amx, avx512_bf16 in ((True, False), (False, True)):  # either native bfloat16 unit
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda bf16=avx512_bf16: bf16)
         assert model.autocast_dtype(torch.device("cpu")) is None  # the classifier: float32 on CPU
         assert model.autocast_dtype(torch.device("cpu"), cpu=True) == torch.bfloat16
+    # oneDNN capped below its bfloat16 kernels (a cluster's setting for identical results)
+    for cap, expected in (("avx2", None), ("AVX512_CORE_VNNI", None), ("AVX512_CORE_AMX", torch.bfloat16)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert model.autocast_dtype(torch.device("cpu"), cpu=True) == expected, cap
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE")  # oneDNN's older name for it
+    assert model.autocast_dtype(torch.device("cpu"), cpu=True) is None
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert model.autocast_dtype(torch.device("cpu"), cpu=True) is None  # emulated bf16: slower
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -342,10 +343,22 @@ def autocast_dtype(device: torch.device, *, cpu: bool = False) -> torch.dtype | 
     return None
 
 
+#: oneDNN instruction-set caps (``ONEDNN_MAX_CPU_ISA``) that turn its AVX512-BF16 and AMX
+#: kernels off: bfloat16 then takes slower paths whatever the processor has (the
+#: segmentation U-Net on an AMD Zen 4 core capped at AVX2: 0.095 Mpx/s, float32 0.93).
+_ONEDNN_CAPS_WITHOUT_BFLOAT16 = frozenset(
+    ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+)
+
+
 def _cpu_has_native_bfloat16() -> bool:
-    """Whether this processor computes in bfloat16 natively: AMX tiles (Intel Sapphire
-    Rapids and later) or AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake); torch's own
-    CPU probes."""
+    """Whether convolutions here compute in bfloat16 natively: the processor has AMX tiles
+    (Intel Sapphire Rapids and later) or AVX512-BF16 (AMD Zen 4 and later, Intel Cooper
+    Lake), by torch's own CPU probes, and oneDNN may use them: clusters cap its instruction
+    set with ``ONEDNN_MAX_CPU_ISA`` for the same results on every node."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", ""))
+    if cap.strip().upper() in _ONEDNN_CAPS_WITHOUT_BFLOAT16:
+        return False
     names = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(bool(probe and probe()) for probe in (getattr(torch.cpu, name, None) for name in names))
 
