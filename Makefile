@@ -48,11 +48,11 @@ bench: setup
 	$(RUN) python -m benchmarks
 
 # Retrain the shipped segmentation weights from scratch on the synthetic world (deterministic for
-# the seed on CPU; 69 min on 2 Intel AMX cores for the shipped ones; not yet timed on a GPU, see
-# `python -m benchmarks gpu`; about 3 h on 2 AMD Zen 2 cores in float32, from the 4 h
-# of the weights before on larger crops). Writes
-# workflow/metascreen/segment/weights/; run again after an interruption, it resumes from its last
-# checkpoint (every 500 steps).
+# the seed on CPU; 69 min on 2 Intel AMX cores for the shipped ones, 82 min on 2 AMD Zen 4 cores
+# (an experiment's run of the recipe); not yet timed on a GPU, see `python -m benchmarks gpu`;
+# about 3 h on 2 AMD Zen 2 cores in float32, from the 4 h of the weights before on larger crops).
+# Writes workflow/metascreen/segment/weights/; run again after an interruption, it resumes from
+# its last checkpoint (every 500 steps).
 SEGMENTER_SEED ?= 1
 pretrain-segmenter: setup
 	$(RUN) metascreen pretrain-segmenter --seed $(SEGMENTER_SEED)
