@@ -483,7 +483,7 @@ def test_cuda_uses_mixed_precision_cpu_only_where_asked_and_fast(monkeypatch) ->
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda bf16=avx512_bf16: bf16)
         assert model.autocast_dtype(torch.device("cpu")) is None  # the classifier: float32 on CPU
         assert model.autocast_dtype(torch.device("cpu"), cpu=True) == torch.bfloat16
-    # oneDNN capped below its bfloat16 kernels (a cluster's setting for identical results)
+    # oneDNN's instruction set capped below its bfloat16 kernels
     for cap, expected in (("avx2", None), ("AVX512_CORE_VNNI", None), ("AVX512_CORE_AMX", torch.bfloat16)):
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
         assert model.autocast_dtype(torch.device("cpu"), cpu=True) == expected, cap

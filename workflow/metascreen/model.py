@@ -354,8 +354,8 @@ _ONEDNN_CAPS_WITHOUT_BFLOAT16 = frozenset(
 def _cpu_has_native_bfloat16() -> bool:
     """Whether convolutions here compute in bfloat16 natively: the processor has AMX tiles
     (Intel Sapphire Rapids and later) or AVX512-BF16 (AMD Zen 4 and later, Intel Cooper
-    Lake), by torch's own CPU probes, and oneDNN may use them: clusters cap its instruction
-    set with ``ONEDNN_MAX_CPU_ISA`` for the same results on every node."""
+    Lake), by torch's own CPU probes, and oneDNN may use them (``ONEDNN_MAX_CPU_ISA``, or
+    its older name ``DNNL_MAX_CPU_ISA``, does not cap it below them)."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", ""))
     if cap.strip().upper() in _ONEDNN_CAPS_WITHOUT_BFLOAT16:
         return False
